@@ -1,0 +1,132 @@
+"""Real local clusters for the cluster tests: real krgd daemons on 127.0.0.11.., real sockets.
+
+The `cluster` fixture starts N nodes with the installed `krgadm cluster start --local N` and always
+tears them down, checking that no daemon process, socket file or directory is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from kerrighed import localcluster
+from kerrighed import protocol as p
+from kerrighed.client import Client
+from kerrighed.config import Home
+
+BIN = Path(sys.executable).parent
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition", interval: float = 0.05):
+    """Poll `predicate` until it returns a true value (returned) or `timeout` runs out (fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class LocalCluster:
+    def __init__(self, home: Home):
+        self.home = home
+
+    def run(self, command: str, *args: str, node: int | None = None, check: bool = True,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run an installed command (krgadm, krg) against this cluster."""
+        cmd = [str(BIN / command), "--home", str(self.home.path)]
+        if node is not None:
+            cmd += ["--node", str(node)]
+        proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            pytest.fail(f"{command} {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc
+
+    def krgadm(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return self.run("krgadm", *args, **kw)
+
+    def call(self, node: int, msg: p.Message):
+        with Client(self.home.socket(node), timeout=30) as c:
+            return c.call(msg)
+
+    def states(self, node: int) -> dict[int, str]:
+        return {n["id"]: n["state"] for n in self.call(node, p.NodesStatus())["nodes"]}
+
+    def online(self, node: int) -> set[int]:
+        return {n for n, s in self.states(node).items() if s == "online"}
+
+    def pid(self, node: int) -> int | None:
+        return localcluster.daemon_pid(self.home, node)
+
+    def kill(self, node: int, sig: int = signal.SIGKILL) -> None:
+        pid = self.pid(node)
+        assert pid, f"node {node} has no running daemon"
+        os.kill(pid, sig)
+        wait_for(lambda: self.pid(node) is None, what=f"node {node}'s daemon to die")
+
+    def start(self, node: int) -> None:
+        localcluster.start_daemons(self.home, [node])
+
+    def log(self, node: int) -> str:
+        return self.home.logfile(node).read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for n in localcluster.running_nodes(self.home):
+            localcluster.stop_daemon(self.home, n)
+
+
+def short_tmpdir(prefix: str) -> Path:
+    # Unix socket paths are limited to 107 bytes: keep homes short, not under pytest's tmp_path.
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@pytest.fixture
+def make_home():
+    """Fresh homes, removed afterwards; fails the test if a daemon or socket was left behind."""
+    homes: list[Home] = []
+
+    def make(prefix: str = "krg-t-") -> Home:
+        homes.append(Home(short_tmpdir(prefix)))
+        return homes[-1]
+
+    yield make
+    leaks = []
+    for home in homes:
+        for n in home.local_nodes():
+            pid = localcluster.daemon_pid(home, n)
+            if pid:
+                leaks.append(f"node {n} pid {pid}")
+                os.kill(pid, signal.SIGKILL)
+            if home.socket(n).exists():
+                leaks.append(f"socket {home.socket(n)}")
+        shutil.rmtree(home.path, ignore_errors=True)
+    assert not leaks, f"left behind: {leaks}"
+
+
+@pytest.fixture
+def cluster(request, make_home):
+    """A running local cluster of `request.param` nodes (default 3), all online."""
+    count = getattr(request, "param", 3)
+    c = LocalCluster(make_home())
+    pids = []
+    try:
+        c.krgadm("cluster", "start", "--local", str(count))
+        pids = [c.pid(n) for n in range(1, count + 1)]
+        yield c
+    finally:
+        c.krgadm("cluster", "stop", check=False)
+        c.stop_all()
+        for pid in filter(None, pids):
+            assert not Path(f"/proc/{pid}/cmdline").exists() or b"kerrighed" not in Path(
+                f"/proc/{pid}/cmdline").read_bytes(), f"daemon pid {pid} survived 'krgadm cluster stop'"

@@ -1,0 +1,1 @@
+"""Kerrighed in user space: a single-system-image Linux cluster built from node daemons."""

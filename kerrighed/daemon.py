@@ -1,0 +1,342 @@
+"""krgd, the node daemon: one per node, a table of handlers over one asyncio loop.
+
+It heartbeats to every configured node, feeds what it hears to the pure membership state machine and
+carries out its decisions; it answers the commands of local users on a Unix socket and the requests
+of other nodes on its CURVE-authenticated ZeroMQ socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from kerrighed import membership as mb
+from kerrighed import protocol as p
+from kerrighed.config import Home
+from kerrighed.errors import ConfigError, KrgError, NodeStateError, PermissionDenied, Timeout
+from kerrighed.localsock import Caller, LocalServer
+from kerrighed.stats import node_stats
+from kerrighed.transport import Transport
+
+log = logging.getLogger("krgd")
+
+VIEW_CHANGE_TIMEOUT = 10.0      # how long nodes.add/del wait for the new view to settle
+
+
+class Daemon:
+    def __init__(self, home: Home, node: int):
+        self.home, self.me = home, node
+        self.cfg = home.load_config()
+        self.cfg.node(node)     # fails early when this node is not configured
+        public, secret = home.load_keypair(node)
+        if public.decode() != self.cfg.node(node).public_key:
+            raise ConfigError(f"the key pair in {home.key_file(node)} is not node {node}'s in {home.cluster_file}")
+        self.incarnation = int.from_bytes(os.urandom(7), "big")
+        self.members = mb.Membership(
+            me=node, incarnation=self.incarnation, possible=frozenset(self.cfg.nodes),
+            timeout=self.cfg.failure_timeout,
+        )
+        self.transport = Transport(self.cfg, node, public, secret, self.handle_peer)
+        self.local = LocalServer(home.socket(node), self.handle_local)
+        self.stats: dict[int, dict] = {}          # last figures heard from each node
+        self.acked_epoch: dict[int, int] = {}     # newest view epoch each node has reported
+        self.changed = asyncio.Event()            # set whenever membership may have changed
+        self.stopping = asyncio.Event()
+        self.reboot = False
+
+        self.local_handlers = {
+            p.ClusterStatus: self.handle_cluster_status,
+            p.ClusterInfo: self.handle_cluster_info,
+            p.ClusterPoweroff: self.handle_cluster_poweroff,
+            p.ClusterReboot: self.handle_cluster_reboot,
+            p.NodesStatus: self.handle_nodes_status,
+            p.NodesAdd: self.handle_nodes_add,
+            p.NodesDel: self.handle_nodes_del,
+            p.NodePing: self.handle_node_ping,
+            p.DaemonStop: self.handle_daemon_stop,
+        }
+        self.root_only = {p.ClusterPoweroff, p.ClusterReboot, p.NodesAdd, p.NodesDel, p.DaemonStop}
+        self.peer_handlers = {
+            p.Heartbeat: self.handle_heartbeat,
+            p.PeerPing: self.handle_peer_ping,
+            p.PeerPoweroff: self.handle_peer_poweroff,
+            p.PeerReboot: self.handle_peer_reboot,
+        }
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        node_stats()    # primes psutil's cpu_percent
+        await self.transport.start()
+        await self.local.start()
+        log.info("node %d up (incarnation %x) on %s, session %d",
+                 self.me, self.incarnation, self.cfg.node(self.me).endpoint, self.cfg.session)
+        beat = loop.create_task(self._heartbeat_loop())
+        try:
+            await self.stopping.wait()
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+            await self.local.close()
+            await self.transport.close()
+            log.info("node %d %s", self.me, "rebooting" if self.reboot else "stopped")
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            self.stats[self.me] = node_stats()
+            self._broadcast()
+            self._apply(self.members.tick(time.monotonic()))
+            await asyncio.sleep(self.cfg.heartbeat_interval)
+
+    def _broadcast(self) -> None:
+        hb = p.Heartbeat(node=self.me, incarnation=self.incarnation,
+                         view=self.members.view.to_wire(), stats=self.stats.get(self.me) or node_stats())
+        for node in self.cfg.nodes:
+            if node != self.me:
+                self.transport.send(node, hb)
+
+    def _apply(self, actions: list[object]) -> None:
+        """Carry out the membership state machine's decisions."""
+        for a in actions:
+            if isinstance(a, mb.ViewChanged):
+                self.acked_epoch[self.me] = a.new.epoch
+                log.info("view epoch %d by node %d: online %s%s%s", a.new.epoch, a.new.proposer,
+                         sorted(a.new.nodes) or "none",
+                         f", joined {sorted(a.joined)}" if a.joined else "",
+                         f", left {sorted(a.left)}" if a.left else "")
+            elif isinstance(a, mb.Broadcast):
+                self._broadcast()
+            elif isinstance(a, mb.PeerUp):
+                log.info("node %d is present", a.node)
+            elif isinstance(a, mb.PeerDown):
+                log.info("node %d is no longer present", a.node)
+                self.stats.pop(a.node, None)
+        if actions:
+            self.changed.set()
+
+    async def _changed(self, timeout: float) -> None:
+        self.changed.clear()
+        try:
+            await asyncio.wait_for(self.changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    # -- dispatch ---------------------------------------------------------------------------------
+
+    async def handle_local(self, caller: Caller, msg: p.Message, payload: list[bytes]) -> object:
+        handler = self.local_handlers.get(type(msg))
+        if handler is None:
+            raise KrgError(f"{msg.op} is not a command of the local socket")
+        if type(msg) in self.root_only and not caller.is_root:
+            log.warning("refused %s to uid %d (pid %d): root only", msg.op, caller.uid, caller.pid)
+            raise PermissionDenied(f"{msg.op}: permission denied (only root may change the cluster)")
+        return await handler(msg, caller)
+
+    async def handle_peer(self, node: int, msg: p.Message, payload: list[bytes]) -> p.Message | None:
+        handler = self.peer_handlers.get(type(msg))
+        if handler is None:
+            raise KrgError(f"{msg.op} is not a node-to-node message")
+        return await handler(node, msg)
+
+    # -- node to node -----------------------------------------------------------------------------
+
+    async def handle_heartbeat(self, node: int, msg: p.Heartbeat) -> None:
+        if msg.node != node:
+            log.warning("node %d sent a heartbeat claiming to be node %d; ignored", node, msg.node)
+            return None
+        try:
+            view = mb.View.from_wire(msg.view)
+        except ValueError as e:
+            log.warning("node %d sent a bad view: %s", node, e)
+            return None
+        self.stats[node] = msg.stats
+        self.acked_epoch[node] = view.epoch
+        self._apply(self.members.on_heartbeat(time.monotonic(), node, msg.incarnation, view))
+        self.changed.set()
+        return None
+
+    async def handle_peer_ping(self, node: int, msg: p.PeerPing) -> p.Message:
+        return p.Ok(result={"node": self.me})
+
+    async def handle_peer_poweroff(self, node: int, msg: p.PeerPoweroff) -> p.Message:
+        log.info("poweroff requested by node %d", node)
+        asyncio.get_running_loop().call_later(0.05, self.stopping.set)
+        return p.Ok()
+
+    async def handle_peer_reboot(self, node: int, msg: p.PeerReboot) -> p.Message:
+        log.info("reboot requested by node %d", node)
+        self.reboot = True
+        asyncio.get_running_loop().call_later(0.05, self.stopping.set)
+        return p.Ok()
+
+    # -- commands ---------------------------------------------------------------------------------
+
+    def _online(self) -> list[int]:
+        return self.members.online(time.monotonic())
+
+    async def handle_cluster_status(self, msg, caller) -> dict:
+        online = self._online()
+        return {"up": bool(online), "online": online, "epoch": self.members.view.epoch,
+                "session": self.cfg.session, "local": self.me, "incarnation": self.incarnation}
+
+    async def handle_nodes_status(self, msg, caller) -> dict:
+        states = self.members.states(time.monotonic())
+        return {"local": self.me, "epoch": self.members.view.epoch,
+                "nodes": [{"id": n, "state": s} for n, s in states.items()]}
+
+    async def handle_cluster_info(self, msg, caller) -> dict:
+        states = self.members.states(time.monotonic())
+        nodes = []
+        for n, state in states.items():
+            entry = {"id": n, "state": state, "address": self.cfg.nodes[n].address}
+            if state != mb.POSSIBLE and n in self.stats:
+                entry.update(self.stats[n])
+            nodes.append(entry)
+        return {"local": self.me, "epoch": self.members.view.epoch, "nodes": nodes}
+
+    async def handle_node_ping(self, msg: p.NodePing, caller) -> dict:
+        self.cfg.node(msg.node)
+        if msg.node == self.me:
+            return {"node": self.me}
+        return await self.transport.request(msg.node, p.PeerPing(sent=time.time()))
+
+    async def handle_nodes_add(self, msg: p.NodesAdd, caller) -> dict:
+        for n in msg.nodes:
+            self.cfg.node(n)
+            if not self.members.is_present(n, time.monotonic()):
+                raise NodeStateError(f"node {n} is not present; start its daemon first")
+        return await self._change_view(add=set(msg.nodes))
+
+    async def handle_nodes_del(self, msg: p.NodesDel, caller) -> dict:
+        now = time.monotonic()
+        for n in msg.nodes:
+            if n == self.me:
+                raise NodeStateError("Unable to suppress current node.")
+            self.cfg.node(n)
+            if not self.members.is_online(n, now):
+                raise NodeStateError(f"Unable to suppress node {n} (must be 'online').")
+        return await self._change_view(remove=set(msg.nodes))
+
+    async def _change_view(self, add: set[int] = frozenset(), remove: set[int] = frozenset()) -> dict:
+        """Propose, then wait until the view holds the change and every member has adopted it.
+
+        A concurrent proposal may win over ours; then we propose again on top of it.
+        """
+        deadline = time.monotonic() + VIEW_CHANGE_TIMEOUT
+        while True:
+            now = time.monotonic()
+            online = set(self.members.online(now))
+            missing, extra = add - online, remove & self.members.view.nodes
+            if not missing and not extra:
+                epoch = self.members.view.epoch
+                laggards = [n for n in self.members.view.nodes if self.acked_epoch.get(n, -1) < epoch]
+                if not laggards:
+                    return {"online": sorted(online), "epoch": epoch}
+            elif now < deadline:
+                try:
+                    self._apply(self.members.propose(now, add=missing, remove=extra))
+                except ValueError as e:
+                    raise NodeStateError(str(e)) from None
+            if now >= deadline:
+                raise Timeout("the cluster did not settle on the new membership in time")
+            await self._changed(min(0.5, max(0.0, deadline - now)))
+
+    async def handle_cluster_poweroff(self, msg, caller) -> dict:
+        others = [n for n in self._online() if n != self.me]
+        await self._tell_all(others, p.PeerPoweroff())
+        log.info("cluster poweroff requested by uid %d: stopping nodes %s", caller.uid, [self.me, *others])
+        asyncio.get_running_loop().call_later(0.05, self.stopping.set)
+        return {"nodes": sorted([self.me, *others])}
+
+    async def handle_cluster_reboot(self, msg, caller) -> dict:
+        members = self._online()
+        others = [n for n in members if n != self.me]
+        await self._tell_all(others, p.PeerReboot())
+        log.info("cluster reboot requested by uid %d: restarting nodes %s", caller.uid, members)
+        self.reboot = True
+        asyncio.get_running_loop().call_later(0.05, self.stopping.set)
+        return {"nodes": members}
+
+    async def _tell_all(self, nodes: list[int], msg: p.Message) -> None:
+        results = await asyncio.gather(*(self.transport.request(n, msg) for n in nodes), return_exceptions=True)
+        for n, r in zip(nodes, results):
+            if isinstance(r, Exception):
+                log.warning("node %d did not take %s: %s", n, msg.op, r)
+
+    async def handle_daemon_stop(self, msg, caller) -> dict:
+        log.info("stop requested by uid %d", caller.uid)
+        asyncio.get_running_loop().call_later(0.05, self.stopping.set)
+        return {"node": self.me}
+
+
+# -- entry point ------------------------------------------------------------------------------------
+
+
+def _lock_pidfile(path: Path) -> int:
+    """Hold an exclusive lock on the pid file for the daemon's life: one krgd per node."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 32).decode().strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"krgd for this node is already running (pid {other})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def setup_logging(log_file: str | None, debug: bool) -> None:
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="krgd", description="Kerrighed node daemon (one per node).")
+    ap.add_argument("--home", help="directory with cluster.toml, keys/ and nodes/ (default $KRG_HOME or /var/lib/kerrighed)")
+    ap.add_argument("--node", type=int, required=True, help="this node's id in cluster.toml")
+    ap.add_argument("--log-file", help="log here instead of stderr")
+    ap.add_argument("--debug", action="store_true")
+    args = ap.parse_args(argv)
+    setup_logging(args.log_file, args.debug)
+    home = Home.resolve(args.home)
+    try:
+        state = home.state_dir(args.node)
+        state.mkdir(parents=True, exist_ok=True)
+        os.chmod(state, 0o755)      # users reach the socket inside
+        pid_fd = _lock_pidfile(home.pidfile(args.node))
+        daemon = Daemon(home, args.node)
+    except KrgError as e:
+        log.error("%s", e)
+        print(f"krgd: {e}", file=sys.stderr)
+        return e.exit_code
+    try:
+        asyncio.run(daemon.run())
+    except KrgError as e:
+        log.error("%s", e)
+        print(f"krgd: {e}", file=sys.stderr)
+        return e.exit_code
+    finally:
+        home.pidfile(args.node).unlink(missing_ok=True)
+        os.close(pid_fd)
+    if daemon.reboot:
+        logging.shutdown()
+        os.execv(sys.executable, [sys.executable, "-m", "kerrighed.daemon", *sys.argv[1:]])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""A whole cluster on this one machine: N daemons on 127.0.0.11, 127.0.0.12, ... in one home.
+
+Used by `krgadm cluster start --local N`, the demo, the cluster tests and the benchmarks. The
+daemons are the real ones; only the configuration makes it local.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kerrighed import protocol as p
+from kerrighed.client import Client
+from kerrighed.config import DEFAULT_PORT, ClusterConfig, Home
+from kerrighed.errors import ConfigError, KrgError, NotRunning, Timeout
+
+FIRST_ADDRESS = 11      # node i listens on 127.0.0.(10 + i)
+MAX_LOCAL_NODES = 200
+
+
+def local_address(node: int) -> str:
+    return f"127.0.0.{FIRST_ADDRESS - 1 + node}"
+
+
+def ensure_config(home: Home, count: int, **settings) -> ClusterConfig:
+    """Create (or re-create, keeping keys) a configuration for nodes 1..count on loopback."""
+    if not 1 <= count <= MAX_LOCAL_NODES:
+        raise ConfigError(f"a local cluster has 1..{MAX_LOCAL_NODES} nodes, not {count}")
+    wanted = {n: local_address(n) for n in range(1, count + 1)}
+    if home.cluster_file.exists():
+        cfg = home.load_config()
+        if {n: c.address for n, c in cfg.nodes.items()} == wanted and not settings:
+            return cfg
+        running = running_nodes(home)
+        if running:
+            raise ConfigError(f"{home.path} already runs a cluster of {len(cfg.nodes)} nodes "
+                              f"(daemons of nodes {running} up); stop it first with 'krgadm cluster stop'")
+        return home.init_cluster(wanted, session=cfg.session, port=free_port(wanted.values()), **settings)
+    return home.init_cluster(wanted, port=free_port(wanted.values()), **settings)
+
+
+def free_port(addresses) -> int:
+    """The default port if every address has it free, else a random port free on all of them:
+    several local clusters (tests, benchmarks, a demo) can then run side by side."""
+    candidates = [DEFAULT_PORT] + random.sample(range(20000, 60000), 50)
+    for port in candidates:
+        if all(_can_bind(a, port) for a in addresses):
+            return port
+    raise ConfigError(f"no free TCP port on {', '.join(addresses)}")
+
+
+def _can_bind(address: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((address, port))
+            return True
+        except OSError:
+            return False
+
+
+def daemon_pid(home: Home, node: int) -> int | None:
+    """The pid of node's running krgd, or None (a stale pid file does not count)."""
+    try:
+        pid = int(home.pidfile(node).read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if b"kerrighed.daemon" in cmdline and f"{node}".encode() in cmdline else None
+
+
+def running_nodes(home: Home) -> list[int]:
+    return [n for n in home.local_nodes() if daemon_pid(home, n)]
+
+
+def spawn_daemon(home: Home, node: int, extra_args: list[str] = ()) -> subprocess.Popen:
+    """Start node's krgd in the background, in its own session, logging to its state directory."""
+    state = home.state_dir(node)
+    state.mkdir(parents=True, exist_ok=True)
+    with open(home.logfile(node), "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kerrighed.daemon", "--home", str(home.path), "--node", str(node), *extra_args],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+        )
+
+
+def wait_answering(home: Home, node: int, proc: subprocess.Popen | None, timeout: float) -> None:
+    """Wait until node's daemon answers on its socket; fail fast if it died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise KrgError(f"krgd of node {node} exited with status {proc.returncode}: {last_log_line(home, node)}")
+        try:
+            with Client(home.socket(node), timeout=2) as c:
+                c.call(p.NodesStatus())
+            return
+        except NotRunning:
+            if time.monotonic() > deadline:
+                raise Timeout(f"krgd of node {node} did not answer within {timeout:g} s") from None
+            time.sleep(0.05)
+
+
+def last_log_line(home: Home, node: int) -> str:
+    try:
+        lines = home.logfile(node).read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "(empty log)"
+    except OSError:
+        return "(no log)"
+
+
+def start_daemons(home: Home, nodes: list[int], timeout: float = 20.0) -> list[int]:
+    """Start the daemons of `nodes` that are not running; return those it started."""
+    started = {n: spawn_daemon(home, n) for n in nodes if not daemon_pid(home, n)}
+    for n, proc in started.items():
+        wait_answering(home, n, proc, timeout)
+    return sorted(started)
+
+
+def stop_daemon(home: Home, node: int, timeout: float = 10.0) -> None:
+    """Stop node's daemon: ask it, then SIGTERM, then SIGKILL; wait until it is gone."""
+    pid = daemon_pid(home, node)
+    if pid is None:
+        home.socket(node).unlink(missing_ok=True)
+        return
+    try:
+        with Client(home.socket(node), timeout=2) as c:
+            c.call(p.DaemonStop())
+    except KrgError:
+        _signal(pid, signal.SIGTERM)
+    if not _wait_gone(pid, timeout):
+        _signal(pid, signal.SIGKILL)
+        _wait_gone(pid, 5)
+    home.socket(node).unlink(missing_ok=True)
+    home.pidfile(node).unlink(missing_ok=True)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            # A child of ours must be reaped to disappear; anything else just vanishes.
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:
+            pass
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True     # exited; its parent has yet to reap it
+        except (OSError, IndexError):
+            return True
+        time.sleep(0.02)
+    return False

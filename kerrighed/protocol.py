@@ -1,0 +1,252 @@
+"""The wire protocol, defined once for node-to-node links and the local command socket.
+
+A message is a frozen dataclass registered under its op name. On the wire it is a list of frames:
+
+    [version, op, rid, body, *payload]
+
+`version` is one byte, `op` the ASCII op name, `rid` an 8-byte request id (0 for a one-way
+message), `body` the msgpack map of the dataclass fields, and `payload` raw binary frames for bulk
+data that never goes through msgpack. Replies are the `ok` and `error` messages with the request's
+rid. Anything that does not decode cleanly raises `ProtocolError`; nothing is ever unpickled.
+
+This module is a leaf: it imports nothing of ours but the errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import types
+import typing
+from typing import Any, ClassVar, Union
+
+import msgpack
+
+from kerrighed.errors import KrgError, ProtocolError
+
+VERSION = 1
+MAX_BODY = 1 << 20          # msgpack bodies are small; bulk data goes in payload frames
+MAX_FRAME = 64 << 20        # largest frame a peer may send (zmq MAXMSGSIZE and the local socket)
+_RID = struct.Struct(">Q")
+
+_registry: dict[str, type[Message]] = {}
+
+
+class Message:
+    """Base of every wire message. Subclasses are frozen dataclasses registered with `message`."""
+
+    op: ClassVar[str]
+
+    def body(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def message(op: str):
+    """Class decorator: make a frozen dataclass and register it under `op`."""
+
+    def register(cls):
+        if op in _registry:
+            raise ValueError(f"op {op!r} registered twice")
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        cls.op = op
+        _registry[op] = cls
+        return cls
+
+    return register
+
+
+def known_ops() -> list[str]:
+    return sorted(_registry)
+
+
+# -- encoding -------------------------------------------------------------------------------------
+
+
+def encode(msg: Message, rid: int = 0, payload: list[bytes] = ()) -> list[bytes]:
+    body = msgpack.packb(msg.body(), use_bin_type=True)
+    return [bytes([VERSION]), msg.op.encode("ascii"), _RID.pack(rid), body, *payload]
+
+
+def decode(frames: list[bytes]) -> tuple[Message, int, list[bytes]]:
+    """Frames -> (message, rid, payload). Raises ProtocolError on anything malformed."""
+    if len(frames) < 4:
+        raise ProtocolError(f"truncated message: {len(frames)} frames, need at least 4")
+    version, op_raw, rid_raw, body_raw, *payload = (bytes(f) for f in frames)
+    if len(version) != 1:
+        raise ProtocolError("malformed version frame")
+    if version[0] != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version[0]} (this node speaks {VERSION})")
+    try:
+        op = op_raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("op name is not ASCII") from None
+    cls = _registry.get(op)
+    if cls is None:
+        raise ProtocolError(f"unknown op {op[:64]!r}")
+    if len(rid_raw) != _RID.size:
+        raise ProtocolError("malformed request id")
+    (rid,) = _RID.unpack(rid_raw)
+    if len(body_raw) > MAX_BODY:
+        raise ProtocolError(f"{op} body of {len(body_raw)} bytes exceeds {MAX_BODY}")
+    try:
+        body = msgpack.unpackb(body_raw, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises a zoo of types for bad input
+        raise ProtocolError(f"{op} body is not valid msgpack ({type(e).__name__})") from None
+    return _build(cls, body), rid, payload
+
+
+def _build(cls: type[Message], body: Any) -> Message:
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{cls.op} body is not a map")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(body) - set(fields)
+    if unknown:
+        raise ProtocolError(f"{cls.op}: unknown fields {sorted(map(str, unknown))}")
+    for name, f in fields.items():
+        if name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{cls.op}: missing field {name!r}")
+            continue
+        if not _conforms(body[name], hints[name]):
+            raise ProtocolError(f"{cls.op}: field {name!r} has the wrong type")
+    return cls(**body)
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """A shallow type check of msgpack values against the field annotations we use."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, h) for h in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            return False
+        return not args or all(_conforms(v, args[0]) for v in value)
+    if origin is dict:
+        key, val = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(
+            _conforms(k, key) and _conforms(v, val) for k, v in value.items()
+        )
+    return isinstance(value, hint)
+
+
+# -- replies ----------------------------------------------------------------------------------------
+
+
+@message("ok")
+class Ok(Message):
+    result: Any = None
+
+
+@message("error")
+class Error(Message):
+    kind: str
+    message: str
+
+    @classmethod
+    def of(cls, exc: KrgError) -> Error:
+        return cls(kind=exc.kind, message=exc.message)
+
+    def exception(self) -> KrgError:
+        return KrgError.from_wire(self.kind, self.message)
+
+
+# -- node to node -----------------------------------------------------------------------------------
+
+
+@message("peer.heartbeat")
+class Heartbeat(Message):
+    """Sent by every daemon to every configured node a few times a second."""
+
+    node: int
+    incarnation: int            # changes at every daemon start: tells a restart from a slow node
+    view: dict[str, Any]        # membership.View.to_wire()
+    stats: dict[str, Any]       # this node's figures (stats.node_stats)
+
+
+@message("peer.ping")
+class PeerPing(Message):
+    sent: float = 0.0
+
+
+@message("peer.poweroff")
+class PeerPoweroff(Message):
+    pass
+
+
+@message("peer.reboot")
+class PeerReboot(Message):
+    pass
+
+
+# -- command to local daemon --------------------------------------------------------------------------
+
+
+@message("cluster.status")
+class ClusterStatus(Message):
+    pass
+
+
+@message("cluster.info")
+class ClusterInfo(Message):
+    pass
+
+
+@message("cluster.poweroff")
+class ClusterPoweroff(Message):
+    pass
+
+
+@message("cluster.reboot")
+class ClusterReboot(Message):
+    pass
+
+
+@message("nodes.status")
+class NodesStatus(Message):
+    pass
+
+
+@message("nodes.add")
+class NodesAdd(Message):
+    nodes: list[int]
+
+
+@message("nodes.del")
+class NodesDel(Message):
+    nodes: list[int]
+
+
+@message("node.ping")
+class NodePing(Message):
+    """Round trip from a command through the local daemon to `node` and back."""
+
+    node: int
+
+
+@message("daemon.stop")
+class DaemonStop(Message):
+    """Stops this node's daemon only (the local-cluster tooling uses it)."""
+
+
+# -- the local socket's framing ---------------------------------------------------------------------
+# A stream socket has no message boundaries: each frame is a 4-byte big-endian length, then bytes.
+
+LENGTH = struct.Struct(">I")
+
+
+def pack_stream(frames: list[bytes]) -> bytes:
+    out = [LENGTH.pack(len(frames))]
+    for f in frames:
+        out.append(LENGTH.pack(len(f)))
+        out.append(f)
+    return b"".join(out)
