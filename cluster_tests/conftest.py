@@ -88,7 +88,9 @@ class LocalCluster:
 
 def short_tmpdir(prefix: str) -> Path:
     # Unix socket paths are limited to 107 bytes: keep homes short, not under pytest's tmp_path.
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)       # like /var/lib/kerrighed: every user reaches the daemons' sockets
+    return path
 
 
 @pytest.fixture

@@ -30,8 +30,49 @@ log = logging.getLogger("krgd")
 VIEW_CHANGE_TIMEOUT = 10.0      # how long nodes.add/del wait for the new view to settle
 
 
+class Ready:
+    """Tells the process that started a detached daemon whether start-up worked (no-op otherwise)."""
+
+    def __init__(self, fd: int | None = None):
+        self.fd = fd
+
+    def ok(self) -> None:
+        self._say("ok")
+
+    def fail(self, message: str) -> None:
+        self._say(message)
+
+    def _say(self, text: str) -> None:
+        if self.fd is not None:
+            os.write(self.fd, text.encode())
+            os.close(self.fd)
+            self.fd = None
+
+
+def detach(log_file: str | None) -> Ready:
+    """Fork into the background. The parent exits once the daemon answers (status 0) or failed
+    (status 1, with the reason on stderr), like a classic daemon's start-up."""
+    r, w = os.pipe()
+    if os.fork():
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            said = f.read().decode(errors="replace").strip()
+        if said == "ok":
+            os._exit(0)
+        sys.stderr.write(f"krgd: {said or 'exited during start-up; see its log'}\n")
+        os._exit(1)
+    os.close(r)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if log_file else null
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    return Ready(w)
+
+
 class Daemon:
-    def __init__(self, home: Home, node: int):
+    def __init__(self, home: Home, node: int, ready: Ready = Ready()):
         self.home, self.me = home, node
         self.cfg = home.load_config()
         self.cfg.node(node)     # fails early when this node is not configured
@@ -46,10 +87,11 @@ class Daemon:
         self.transport = Transport(self.cfg, node, public, secret, self.handle_peer)
         self.local = LocalServer(home.socket(node), self.handle_local)
         self.stats: dict[int, dict] = {}          # last figures heard from each node
-        self.acked_epoch: dict[int, int] = {}     # newest view epoch each node has reported
+        self.reports: dict[int, tuple[int, frozenset[int]]] = {}   # node -> (its view epoch, whom it hears)
         self.changed = asyncio.Event()            # set whenever membership may have changed
         self.stopping = asyncio.Event()
         self.reboot = False
+        self.ready = ready
 
         self.local_handlers = {
             p.ClusterStatus: self.handle_cluster_status,
@@ -79,6 +121,7 @@ class Daemon:
         node_stats()    # primes psutil's cpu_percent
         await self.transport.start()
         await self.local.start()
+        self.ready.ok()
         log.info("node %d up (incarnation %x) on %s, session %d",
                  self.me, self.incarnation, self.cfg.node(self.me).endpoint, self.cfg.session)
         beat = loop.create_task(self._heartbeat_loop())
@@ -99,8 +142,10 @@ class Daemon:
             await asyncio.sleep(self.cfg.heartbeat_interval)
 
     def _broadcast(self) -> None:
+        now = time.monotonic()
         hb = p.Heartbeat(node=self.me, incarnation=self.incarnation,
-                         view=self.members.view.to_wire(), stats=self.stats.get(self.me) or node_stats())
+                         view=self.members.view.to_wire(), stats=self.stats.get(self.me) or node_stats(),
+                         hears=[n for n in self.cfg.nodes if self.members.is_present(n, now)])
         for node in self.cfg.nodes:
             if node != self.me:
                 self.transport.send(node, hb)
@@ -109,7 +154,6 @@ class Daemon:
         """Carry out the membership state machine's decisions."""
         for a in actions:
             if isinstance(a, mb.ViewChanged):
-                self.acked_epoch[self.me] = a.new.epoch
                 log.info("view epoch %d by node %d: online %s%s%s", a.new.epoch, a.new.proposer,
                          sorted(a.new.nodes) or "none",
                          f", joined {sorted(a.joined)}" if a.joined else "",
@@ -160,7 +204,7 @@ class Daemon:
             log.warning("node %d sent a bad view: %s", node, e)
             return None
         self.stats[node] = msg.stats
-        self.acked_epoch[node] = view.epoch
+        self.reports[node] = (view.epoch, frozenset(msg.hears))
         self._apply(self.members.on_heartbeat(time.monotonic(), node, msg.incarnation, view))
         self.changed.set()
         return None
@@ -228,7 +272,7 @@ class Daemon:
         return await self._change_view(remove=set(msg.nodes))
 
     async def _change_view(self, add: set[int] = frozenset(), remove: set[int] = frozenset()) -> dict:
-        """Propose, then wait until the view holds the change and every member has adopted it.
+        """Propose, then wait until the view holds the change and has settled on every member.
 
         A concurrent proposal may win over ours; then we propose again on top of it.
         """
@@ -238,10 +282,8 @@ class Daemon:
             online = set(self.members.online(now))
             missing, extra = add - online, remove & self.members.view.nodes
             if not missing and not extra:
-                epoch = self.members.view.epoch
-                laggards = [n for n in self.members.view.nodes if self.acked_epoch.get(n, -1) < epoch]
-                if not laggards:
-                    return {"online": sorted(online), "epoch": epoch}
+                if self._settled():
+                    return {"online": sorted(online), "epoch": self.members.view.epoch}
             elif now < deadline:
                 try:
                     self._apply(self.members.propose(now, add=missing, remove=extra))
@@ -250,6 +292,15 @@ class Daemon:
             if now >= deadline:
                 raise Timeout("the cluster did not settle on the new membership in time")
             await self._changed(min(0.5, max(0.0, deadline - now)))
+
+    def _settled(self) -> bool:
+        """Every member has adopted the current view and hears every other member."""
+        view = self.members.view
+        for n in view.nodes - {self.me}:
+            epoch, hears = self.reports.get(n, (-1, frozenset()))
+            if epoch < view.epoch or not view.nodes <= hears | {n}:
+                return False
+        return True
 
     async def handle_cluster_poweroff(self, msg, caller) -> dict:
         others = [n for n in self._online() if n != self.me]
@@ -309,32 +360,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--home", help="directory with cluster.toml, keys/ and nodes/ (default $KRG_HOME or /var/lib/kerrighed)")
     ap.add_argument("--node", type=int, required=True, help="this node's id in cluster.toml")
     ap.add_argument("--log-file", help="log here instead of stderr")
+    ap.add_argument("--detach", action="store_true", help="go to the background once the daemon answers")
     ap.add_argument("--debug", action="store_true")
     args = ap.parse_args(argv)
+    ready = detach(args.log_file) if args.detach else Ready()
     setup_logging(args.log_file, args.debug)
     home = Home.resolve(args.home)
+    pid_fd = None
     try:
         state = home.state_dir(args.node)
         state.mkdir(parents=True, exist_ok=True)
-        os.chmod(state, 0o755)      # users reach the socket inside
+        for d in (state.parent, state):
+            os.chmod(d, 0o755)      # users reach the socket inside
         pid_fd = _lock_pidfile(home.pidfile(args.node))
-        daemon = Daemon(home, args.node)
-    except KrgError as e:
-        log.error("%s", e)
-        print(f"krgd: {e}", file=sys.stderr)
-        return e.exit_code
-    try:
+        daemon = Daemon(home, args.node, ready)
         asyncio.run(daemon.run())
     except KrgError as e:
         log.error("%s", e)
-        print(f"krgd: {e}", file=sys.stderr)
+        ready.fail(str(e))
+        if not args.detach:
+            print(f"krgd: {e}", file=sys.stderr)
         return e.exit_code
     finally:
-        home.pidfile(args.node).unlink(missing_ok=True)
-        os.close(pid_fd)
+        if pid_fd is not None:
+            home.pidfile(args.node).unlink(missing_ok=True)
+            os.close(pid_fd)
     if daemon.reboot:
         logging.shutdown()
-        os.execv(sys.executable, [sys.executable, "-m", "kerrighed.daemon", *sys.argv[1:]])
+        argv = [a for a in sys.argv[1:] if a != "--detach"]    # already in the background
+        os.execv(sys.executable, [sys.executable, "-m", "kerrighed.daemon", *argv])
     return 0
 
 

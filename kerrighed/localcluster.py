@@ -6,6 +6,7 @@ daemons are the real ones; only the configuration makes it local.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 from kerrighed import protocol as p
 from kerrighed.client import Client
 from kerrighed.config import DEFAULT_PORT, ClusterConfig, Home
-from kerrighed.errors import ConfigError, KrgError, NotRunning, Timeout
+from kerrighed.errors import ConfigError, KrgError
 
 FIRST_ADDRESS = 11      # node i listens on 127.0.0.(10 + i)
 MAX_LOCAL_NODES = 200
@@ -65,60 +66,54 @@ def _can_bind(address: str, port: int) -> bool:
 
 
 def daemon_pid(home: Home, node: int) -> int | None:
-    """The pid of node's running krgd, or None (a stale pid file does not count)."""
+    """The pid of node's running krgd, or None. A live daemon holds a lock on its pid file, so a
+    stale file left by a killed one does not count, whatever process now has that pid."""
     try:
-        pid = int(home.pidfile(node).read_text().split()[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError, IndexError):
+        fd = os.open(home.pidfile(node), os.O_RDONLY)
+    except OSError:
         return None
-    return pid if b"kerrighed.daemon" in cmdline and f"{node}".encode() in cmdline else None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None         # nobody holds it
+        except BlockingIOError:
+            pass
+        try:
+            return int(os.read(fd, 32).split()[0])
+        except (ValueError, IndexError):
+            return None         # locked but not yet written: the daemon is starting
+    finally:
+        os.close(fd)
 
 
 def running_nodes(home: Home) -> list[int]:
     return [n for n in home.local_nodes() if daemon_pid(home, n)]
 
 
-def spawn_daemon(home: Home, node: int, extra_args: list[str] = ()) -> subprocess.Popen:
-    """Start node's krgd in the background, in its own session, logging to its state directory."""
-    state = home.state_dir(node)
-    state.mkdir(parents=True, exist_ok=True)
-    with open(home.logfile(node), "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "kerrighed.daemon", "--home", str(home.path), "--node", str(node), *extra_args],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
-        )
-
-
-def wait_answering(home: Home, node: int, proc: subprocess.Popen | None, timeout: float) -> None:
-    """Wait until node's daemon answers on its socket; fail fast if it died."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise KrgError(f"krgd of node {node} exited with status {proc.returncode}: {last_log_line(home, node)}")
+def start_daemons(home: Home, nodes: list[int], timeout: float = 30.0) -> list[int]:
+    """Start the daemons of `nodes` that are not running, in parallel; return when all answer."""
+    todo = [n for n in nodes if not daemon_pid(home, n)]
+    procs = {}
+    for n in todo:
+        home.state_dir(n).mkdir(parents=True, exist_ok=True)
+        procs[n] = subprocess.Popen(
+            [sys.executable, "-m", "kerrighed.daemon", "--home", str(home.path), "--node", str(n),
+             "--detach", "--log-file", str(home.logfile(n))],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    failed = []
+    for n, proc in procs.items():
         try:
-            with Client(home.socket(node), timeout=2) as c:
-                c.call(p.NodesStatus())
-            return
-        except NotRunning:
-            if time.monotonic() > deadline:
-                raise Timeout(f"krgd of node {node} did not answer within {timeout:g} s") from None
-            time.sleep(0.05)
-
-
-def last_log_line(home: Home, node: int) -> str:
-    try:
-        lines = home.logfile(node).read_text(errors="replace").strip().splitlines()
-        return lines[-1] if lines else "(empty log)"
-    except OSError:
-        return "(no log)"
-
-
-def start_daemons(home: Home, nodes: list[int], timeout: float = 20.0) -> list[int]:
-    """Start the daemons of `nodes` that are not running; return those it started."""
-    started = {n: spawn_daemon(home, n) for n in nodes if not daemon_pid(home, n)}
-    for n, proc in started.items():
-        wait_answering(home, n, proc, timeout)
-    return sorted(started)
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            failed.append(f"node {n}: no answer within {timeout:g} s")
+            continue
+        if proc.returncode != 0:
+            failed.append(f"node {n}: {err.strip().removeprefix('krgd: ')}")
+    if failed:
+        raise KrgError("could not start " + "; ".join(failed))
+    return todo
 
 
 def stop_daemon(home: Home, node: int, timeout: float = 10.0) -> None:

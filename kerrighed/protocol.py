@@ -171,6 +171,7 @@ class Heartbeat(Message):
     incarnation: int            # changes at every daemon start: tells a restart from a slow node
     view: dict[str, Any]        # membership.View.to_wire()
     stats: dict[str, Any]       # this node's figures (stats.node_stats)
+    hears: list[int] = dataclasses.field(default_factory=list)   # the nodes it sees present
 
 
 @message("peer.ping")

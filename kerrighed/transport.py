@@ -77,9 +77,10 @@ class Transport:
             d.setsockopt(zmq.SNDHWM, 1000)
             d.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME)
             d.setsockopt(zmq.RECONNECT_IVL, 100)
-            d.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            d.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
             d.setsockopt(zmq.HANDSHAKE_IVL, 2000)
-            d.connect(peer.endpoint)
+            # Leave from our own address: each simulated node on one machine is then told apart.
+            d.connect(f"tcp://{node.address}:0;{peer.address}:{peer.port}")
             self._dealers[peer.id] = d
             self._spawn(self._serve_dealer(peer.id, d))
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -16,7 +17,7 @@ from kerrighed import protocol as p
 from kerrighed.cli._common import add_common_options, connect, print_json, run_main
 from kerrighed.client import Client
 from kerrighed.config import DEFAULT_PORT, Home
-from kerrighed.errors import KrgError, NodeStateError, NotRunning, Timeout, UsageError
+from kerrighed.errors import KrgError, NodeStateError, NotRunning, PermissionDenied, UsageError
 from kerrighed.ids import format_node_list, parse_node_list
 
 ONE_OF = "Only one of --all, --count, --total or --nodes option is supported. Aborting."
@@ -83,8 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_main("krgadm", build_parser(), argv, dispatch)
 
 
+CHANGES_THE_CLUSTER = {("nodes", "add"), ("nodes", "del"), ("cluster", "poweroff"), ("cluster", "reboot")}
+
+
 def dispatch(args) -> int:
     area, action = args.area or "cluster", getattr(args, "action", None) or "status"
+    # The daemon enforces this (peer credentials); asking first gives a clean one-line refusal.
+    if (area, action) in CHANGES_THE_CLUSTER and os.geteuid() != 0:
+        raise PermissionDenied(f"{area} {action}: permission denied (only root may change the cluster)")
     if area == "nodes":
         return {"status": nodes_status, "add": nodes_add, "del": nodes_del}[action](args)
     return {"status": cluster_status, "info": cluster_info, "start": cluster_start, "stop": cluster_stop,
