@@ -15,6 +15,7 @@ This module is a leaf: it imports nothing of ours but the errors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 import types
 import typing
@@ -95,11 +96,16 @@ def decode(frames: list[bytes]) -> tuple[Message, int, list[bytes]]:
     return _build(cls, body), rid, payload
 
 
+@functools.cache
+def _schema(cls: type[Message]) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
+    # Resolving annotations is slow (they are strings here): once per class, not per message.
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+
+
 def _build(cls: type[Message], body: Any) -> Message:
     if not isinstance(body, dict):
         raise ProtocolError(f"{cls.op} body is not a map")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints, fields = _schema(cls)
     unknown = set(body) - set(fields)
     if unknown:
         raise ProtocolError(f"{cls.op}: unknown fields {sorted(map(str, unknown))}")

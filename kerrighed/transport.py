@@ -112,11 +112,7 @@ class Transport:
 
     def send(self, node: int, msg: protocol.Message) -> bool:
         """One-way message; False when the peer is not connected (the message is dropped)."""
-        try:
-            self._dealers[node].send_multipart(protocol.encode(msg), flags=zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False
+        return _send_now(self._dealers[node], protocol.encode(msg))
 
     async def request(self, node: int, msg: protocol.Message, timeout: float = 2.0,
                       payload: list[bytes] = ()) -> object:
@@ -127,10 +123,8 @@ class Transport:
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            try:
-                self._dealers[node].send_multipart(protocol.encode(msg, rid, payload), flags=zmq.NOBLOCK)
-            except zmq.Again:
-                raise Unreachable(f"node {node} is not connected") from None
+            if not _send_now(self._dealers[node], protocol.encode(msg, rid, payload)):
+                raise Unreachable(f"node {node} is not connected")
             try:
                 reply = await asyncio.wait_for(fut, timeout)
             except asyncio.TimeoutError:
@@ -183,10 +177,7 @@ class Transport:
             log.exception("handler failed on a message from node %d", node)
             reply = protocol.Error(kind="KrgError", message=f"internal error on node {self.me}: {e!r}")
         if rid and reply is not None:
-            try:
-                await self._router.send_multipart([ident, *protocol.encode(reply, rid)], flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass   # the peer went away; it will time out
+            _send_now(self._router, [ident, *protocol.encode(reply, rid)])   # if the peer left, it times out
 
     async def _serve_zap(self) -> None:
         """ZAP (RFC 27): accept CURVE clients whose key is a configured node's; log the others."""
@@ -213,6 +204,16 @@ class Transport:
                             address.decode(errors="replace"), mechanism.decode(errors="replace"),
                             domain.decode(errors="replace"))
             await self._zap.send_multipart(envelope + [version, request_id, status, text, user, b""])
+
+
+def _send_now(sock: zmq.asyncio.Socket, frames: list[bytes]) -> bool:
+    """Send without waiting; False if it could not go now. (pyzmq's asyncio sockets report a
+    non-blocking send's failure in the returned future, not by raising.)"""
+    fut = sock.send_multipart(frames, flags=zmq.NOBLOCK)
+    exc = fut.exception() if fut.done() else None
+    if exc is not None and not isinstance(exc, zmq.Again):
+        log.warning("send failed: %s", exc)
+    return exc is None
 
 
 def _peek_rid(frames: list[bytes]) -> int:

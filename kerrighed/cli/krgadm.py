@@ -208,6 +208,7 @@ def cluster_reboot(args) -> int:
     with connect(args) as c:
         before = c.call(p.ClusterStatus())
         nodes = c.call(p.ClusterReboot())["nodes"]
+    args.node = before["local"]     # come back to the same daemon, not whichever answers first
     # Wait for the local daemon's new incarnation, then form the same cluster again.
     deadline = time.monotonic() + args.wait
     while True:
