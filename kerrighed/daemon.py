@@ -82,7 +82,7 @@ class Daemon:
         self.incarnation = int.from_bytes(os.urandom(7), "big")
         self.members = mb.Membership(
             me=node, incarnation=self.incarnation, possible=frozenset(self.cfg.nodes),
-            timeout=self.cfg.failure_timeout,
+            timeout=self.cfg.failure_timeout, started=time.monotonic(),
         )
         self.transport = Transport(self.cfg, node, public, secret, self.handle_peer)
         self.local = LocalServer(home.socket(node), self.handle_local)

@@ -79,9 +79,11 @@ class Membership:
     incarnation: int
     possible: frozenset[int]
     timeout: float                              # silence after which a node is no longer present
+    started: float = 0.0                        # when this daemon started listening
     view: View = field(default_factory=View)
     last_seen: dict[int, float] = field(default_factory=dict)
     incarnations: dict[int, int] = field(default_factory=dict)
+    _reported_present: set[int] = field(default_factory=set)
 
     def __post_init__(self):
         self.incarnations[self.me] = self.incarnation
@@ -117,8 +119,19 @@ class Membership:
     def present_not_online(self, now: float) -> list[int]:
         return [n for n in sorted(self.possible) if self.state(n, now) == PRESENT]
 
+    def is_dead(self, node: int, now: float) -> bool:
+        """A member to drop: restarted since the view named it, or silent for longer than the
+        timeout *as observed by us* (a daemon that just started has not heard everyone yet)."""
+        if node == self.me:
+            return False
+        if self.view.incarnation(node) != self.incarnations.get(node, self.view.incarnation(node)):
+            return True
+        return now - max(self.last_seen.get(node, self.started), self.started) > self.timeout
+
     def coordinator(self, now: float) -> int | None:
-        live = [n for n in sorted(self.view.nodes) if self.is_online(n, now)]
+        if not self.is_online(self.me, now):
+            return None
+        live = [n for n in sorted(self.view.nodes) if not self.is_dead(n, now)]
         return live[0] if live else None
 
     # -- events ---------------------------------------------------------------------------------
@@ -127,7 +140,7 @@ class Membership:
         if node == self.me or node not in self.possible:
             return []
         actions: list[object] = []
-        was_present = self.is_present(node, now)
+        was_present = node in self._reported_present
         restarted = self.incarnations.get(node) not in (None, incarnation)
         self.last_seen[node] = now
         self.incarnations[node] = incarnation
@@ -135,6 +148,7 @@ class Membership:
             actions.append(PeerDown(node))
         if not was_present or restarted:
             actions.append(PeerUp(node))
+        self._reported_present.add(node)
         if view.newer_than(self.view):
             actions += self._adopt(view)
         return actions
@@ -142,12 +156,12 @@ class Membership:
     def tick(self, now: float) -> list[object]:
         """Periodic: notice silent peers; the coordinator drops dead or restarted members."""
         actions: list[object] = []
-        for node, seen in list(self.last_seen.items()):
-            if now - seen > self.timeout:
-                del self.last_seen[node]
+        for node in sorted(self._reported_present):
+            if not self.is_present(node, now):
+                self._reported_present.discard(node)
                 actions.append(PeerDown(node))
         if self.coordinator(now) == self.me:
-            dead = {n for n in self.view.nodes if not self.is_online(n, now)}
+            dead = {n for n in self.view.nodes if self.is_dead(n, now)}
             if dead:
                 actions += self.propose(now, remove=dead)
         return actions

@@ -104,7 +104,7 @@ def test_a_restarted_node_does_not_think_itself_online():
     hear(m, 0.0, 1, view=old_view)
     assert m.view == old_view
     assert m.state(2, 0.0) == PRESENT
-    assert m.coordinator(0.0) == 1
+    assert m.coordinator(0.0) is None     # not a member: it judges nobody
 
 
 def test_removing_nodes():
@@ -130,3 +130,14 @@ def test_view_wire_roundtrip_and_malformed_views():
         View.from_wire({"epoch": 1})
     with pytest.raises(ValueError):
         View.from_wire({"epoch": 1, "proposer": 1, "members": [["x", 1]]})
+
+
+def test_a_fresh_coordinator_does_not_drop_members_it_has_not_heard_yet():
+    # Node 1 restarts and is added back by node 2; node 3's heartbeats have not reached it yet.
+    m = Membership(me=1, incarnation=101, possible=frozenset({1, 2, 3}), timeout=T, started=10.0)
+    v = View(5, 2, ((1, 101), (2, 102), (3, 103)))
+    hear(m, 10.1, 2, view=v)
+    assert m.coordinator(10.1) == 1
+    assert m.tick(10.2) == [] and m.view == v
+    m.tick(10.0 + T + 0.1)                 # silent for longer than the timeout since we started
+    assert m.view.nodes == {1, 2}
