@@ -6,9 +6,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYCRIU := /usr/local/share/kerrighed/pycriu
 
-.PHONY: install system venv test unit cluster-test demo bench clean
+.PHONY: install system venv native test unit cluster-test demo bench clean
 
-install: system venv
+install: system venv native
+
+# The job init and shepherd, run by krgd for every job (csrc/krg-init.c; libc only).
+native: kerrighed/libexec/krg-init
+
+kerrighed/libexec/krg-init: csrc/krg-init.c | system
+	mkdir -p $(dir $@)
+	$(CC) -O2 -Wall -Wextra -Werror -std=gnu11 -o $@ $<
 
 system:
 	bash scripts/install-system.sh
@@ -39,4 +46,4 @@ bench: install
 	$(PY) bench/bench_cluster.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info bench/results
+	rm -rf $(VENV) build *.egg-info bench/results kerrighed/libexec
