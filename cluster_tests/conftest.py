@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from kerrighed.client import Client
 from kerrighed.config import Home
 
 BIN = Path(sys.executable).parent
+NOBODY = 65534
 
 
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition", interval: float = 0.05):
@@ -84,6 +86,37 @@ class LocalCluster:
     def stop_all(self) -> None:
         for n in localcluster.running_nodes(self.home):
             localcluster.stop_daemon(self.home, n)
+
+
+def run_as(uid: int, fn) -> tuple[int, bytes]:
+    """Run fn() in a forked child with uid and gid `uid`; return (its exit status, its output).
+
+    The venv's interpreter lives under /root here, which other users may not execute, so tests
+    fork and call a command's main() rather than exec the installed script."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 99
+        try:
+            os.close(r)
+            os.dup2(w, 1)
+            os.dup2(w, 2)
+            # pytest captures sys.stdout/stderr in Python objects: point them at the pipe too.
+            sys.stdout = sys.stderr = os.fdopen(os.dup(w), "w", buffering=1)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            status = fn()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(status)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out
 
 
 def short_tmpdir(prefix: str) -> Path:

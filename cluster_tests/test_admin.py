@@ -185,7 +185,7 @@ def test_ping_through_the_local_daemon(cluster):
 def test_help_shows_the_commands(make_home):
     c = LocalCluster(make_home())
     out = c.krgadm("--help").stdout
-    for word in ("cluster start --local 3", "nodes add -n 3", "{cluster,nodes}"):
+    for word in ("cluster start --local 3", "nodes add -n 3", "{cluster,nodes,scheduler}"):
         assert word in out
 
 

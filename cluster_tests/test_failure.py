@@ -38,11 +38,23 @@ def test_a_daemon_restarted_before_anyone_noticed_is_not_taken_for_its_old_self(
     cluster.kill(3)
     cluster.start(3)           # faster than the failure timeout
     assert cluster.call(3, p.ClusterStatus())["incarnation"] != old
+    # The old incarnation is dropped from the view, and the new daemon, which crashed out of a
+    # running cluster, asks to be added back by itself.
+    wait_for(lambda: "node 3 rejoined the cluster after a restart" in cluster.log(3), what="node 3 to rejoin")
+    new = cluster.call(3, p.ClusterStatus())["incarnation"]
     for n in (1, 2, 3):
-        wait_for(lambda: cluster.states(n) == {1: "online", 2: "online", 3: "present"},
-                 what=f"node {n} to drop node 3's old incarnation")
-    cluster.krgadm("nodes", "add", "-n", "3")
-    assert cluster.online(3) == {1, 2, 3}
+        wait_for(lambda: cluster.online(n) == {1, 2, 3}, what=f"node {n} to see node 3 back")
+        members = dict(cluster.call(n, p.ClusterStatus())["view"]["members"])
+        assert members[3] == new
+
+
+def test_a_deleted_node_does_not_rejoin_by_itself(cluster):
+    cluster.krgadm("nodes", "del", "-n", "3")
+    cluster.kill(3)
+    cluster.start(3)
+    wait_for(lambda: cluster.states(1)[3] == "present", what="node 3 to be present again")
+    assert "rejoined" not in cluster.log(3)
+    assert cluster.online(1) == {1, 2}
 
 
 def test_the_coordinator_dying_is_handled_by_the_next_node(cluster):

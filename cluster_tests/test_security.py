@@ -3,8 +3,6 @@
 import os
 import socket
 import struct
-import sys
-import traceback
 
 import msgpack
 import pytest
@@ -17,10 +15,7 @@ from kerrighed.client import Client
 from kerrighed.config import Home
 from kerrighed.errors import PermissionDenied
 
-from conftest import wait_for
-
-NOBODY = 65534
-
+from conftest import NOBODY, run_as, wait_for
 
 def test_a_daemon_with_a_key_not_in_the_configuration_is_refused(cluster, make_home):
     localcluster.stop_daemon(cluster.home, 3)
@@ -44,32 +39,6 @@ def test_a_daemon_with_a_key_not_in_the_configuration_is_refused(cluster, make_h
                 1: "possible", 2: "possible", 3: "present"}
     finally:
         localcluster.stop_daemon(rogue, 3)
-
-
-def run_as(uid: int, fn) -> tuple[int, bytes]:
-    """Run fn() in a child process with uid/gid `uid`; return (its exit status, what it printed)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        status = 99
-        try:
-            os.close(r)
-            # pytest captures sys.stdout/stderr in Python objects: point them at the pipe.
-            sys.stdout = sys.stderr = os.fdopen(w, "w", buffering=1)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            status = fn()
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            os._exit(status)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = f.read()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), out
 
 
 @pytest.mark.root

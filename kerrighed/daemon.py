@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import collections
 import fcntl
 import logging
 import os
@@ -19,11 +21,13 @@ from pathlib import Path
 
 from kerrighed import membership as mb
 from kerrighed import protocol as p
-from kerrighed.config import Home
+from kerrighed.config import Home, atomic_write
 from kerrighed.errors import ConfigError, KrgError, NodeStateError, PermissionDenied, Timeout
+from kerrighed.jobservice import JobService
 from kerrighed.localsock import Caller, LocalServer
 from kerrighed.stats import node_stats
 from kerrighed.transport import Transport
+from scheduler import ClusterView, JobSpec, NodeLoad, Scheduler, SchedulerConfig, known_policies
 
 log = logging.getLogger("krgd")
 
@@ -85,13 +89,20 @@ class Daemon:
             timeout=self.cfg.failure_timeout, started=time.monotonic(),
         )
         self.transport = Transport(self.cfg, node, public, secret, self.handle_peer)
-        self.local = LocalServer(home.socket(node), self.handle_local)
+        self.jobs = JobService(self)
+        self.local = LocalServer(home.socket(node), self.handle_local,
+                                 streams={p.RunJob: self.jobs.handle_run, p.AttachJob: self.jobs.handle_attach})
         self.stats: dict[int, dict] = {}          # last figures heard from each node
         self.reports: dict[int, tuple[int, frozenset[int]]] = {}   # node -> (its view epoch, whom it hears)
         self.changed = asyncio.Event()            # set whenever membership may have changed
         self.stopping = asyncio.Event()
         self.reboot = False
         self.ready = ready
+        self._down_waiters: dict[int, list[asyncio.Future]] = {}
+        self._placed_since: collections.Counter[int] = collections.Counter()   # since its last heartbeat
+        self.scheduler_file = home.state_dir(node) / "scheduler.json"
+        self.scheduler_version, self.scheduler = self._load_scheduler()
+        self.member_file = home.state_dir(node) / "member"   # present while this node is online
 
         self.local_handlers = {
             p.ClusterStatus: self.handle_cluster_status,
@@ -103,13 +114,32 @@ class Daemon:
             p.NodesDel: self.handle_nodes_del,
             p.NodePing: self.handle_node_ping,
             p.DaemonStop: self.handle_daemon_stop,
+            p.ListJobs: self.handle_list_jobs,
+            p.CapsGet: self.jobs.handle_caps_get,
+            p.CapsSet: self.jobs.handle_caps_set,
+            p.SchedulerShow: self.handle_scheduler_show,
+            p.SchedulerSet: self.handle_scheduler_set,
+            p.KillJobs: self.jobs.handle_kill,
+            p.WaitJob: self.jobs.handle_wait,
         }
-        self.root_only = {p.ClusterPoweroff, p.ClusterReboot, p.NodesAdd, p.NodesDel, p.DaemonStop}
+        self.root_only = {p.ClusterPoweroff, p.ClusterReboot, p.NodesAdd, p.NodesDel, p.DaemonStop, p.SchedulerSet}
         self.peer_handlers = {
             p.Heartbeat: self.handle_heartbeat,
             p.PeerPing: self.handle_peer_ping,
             p.PeerPoweroff: self.handle_peer_poweroff,
             p.PeerReboot: self.handle_peer_reboot,
+            p.JobStart: self.jobs.handle_job_start,
+            p.JobAttach: self.jobs.handle_job_attach,
+            p.JobSignal: self.jobs.handle_job_signal,
+            p.JobList: self.jobs.handle_job_list,
+            p.JobWait: self.jobs.handle_job_wait,
+            p.JobCaps: self.jobs.handle_job_caps,
+            p.JobInput: self.jobs.handle_job_input,
+            p.JobEof: self.jobs.handle_job_eof,
+            p.JobCredit: self.jobs.handle_job_credit,
+            p.JobWinsize: self.jobs.handle_job_winsize,
+            p.JobOutput: self.jobs.handle_job_output,
+            p.JobExit: self.jobs.handle_job_exit,
         }
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -120,8 +150,12 @@ class Daemon:
             loop.add_signal_handler(sig, self.stopping.set)
         node_stats()    # primes psutil's cpu_percent
         await self.transport.start()
+        await self.jobs.adopt()
         await self.local.start()
         self.ready.ok()
+        if self.member_file.exists():
+            # This daemon restarted while its node was in the cluster: go back in by itself.
+            loop.create_task(self._rejoin())
         log.info("node %d up (incarnation %x) on %s, session %d",
                  self.me, self.incarnation, self.cfg.node(self.me).endpoint, self.cfg.session)
         beat = loop.create_task(self._heartbeat_loop())
@@ -132,20 +166,24 @@ class Daemon:
             await asyncio.gather(beat, return_exceptions=True)
             await self.local.close()
             await self.transport.close()
+            self.member_file.unlink(missing_ok=True)    # a clean stop leaves; only a crash rejoins
             log.info("node %d %s", self.me, "rebooting" if self.reboot else "stopped")
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            self.stats[self.me] = node_stats()
+            self.stats[self.me] = {**node_stats(), "jobs": len(self.jobs.hosted)}
             self._broadcast()
             self._apply(self.members.tick(time.monotonic()))
+            self.jobs.expire()
             await asyncio.sleep(self.cfg.heartbeat_interval)
 
     def _broadcast(self) -> None:
         now = time.monotonic()
         hb = p.Heartbeat(node=self.me, incarnation=self.incarnation,
                          view=self.members.view.to_wire(), stats=self.stats.get(self.me) or node_stats(),
-                         hears=[n for n in self.cfg.nodes if self.members.is_present(n, now)])
+                         hears=[n for n in self.cfg.nodes if self.members.is_present(n, now)],
+                         scheduler={"version": list(self.scheduler_version), "config": self.scheduler.config.to_dict()},
+                         jobs=self.jobs.version)
         for node in self.cfg.nodes:
             if node != self.me:
                 self.transport.send(node, hb)
@@ -154,6 +192,10 @@ class Daemon:
         """Carry out the membership state machine's decisions."""
         for a in actions:
             if isinstance(a, mb.ViewChanged):
+                if self.me in a.new.nodes:
+                    self.member_file.touch()
+                else:
+                    self.member_file.unlink(missing_ok=True)
                 log.info("view epoch %d by node %d: online %s%s%s", a.new.epoch, a.new.proposer,
                          sorted(a.new.nodes) or "none",
                          f", joined {sorted(a.joined)}" if a.joined else "",
@@ -162,11 +204,97 @@ class Daemon:
                 self._broadcast()
             elif isinstance(a, mb.PeerUp):
                 log.info("node %d is present", a.node)
+            elif isinstance(a, mb.PeerRestarted):
+                log.info("node %d's daemon restarted", a.node)
+                self.jobs.node_restarted(a.node)
             elif isinstance(a, mb.PeerDown):
                 log.info("node %d is no longer present", a.node)
                 self.stats.pop(a.node, None)
+                self.jobs.node_down(a.node)
+                for fut in self._down_waiters.pop(a.node, []):
+                    if not fut.done():
+                        fut.set_result(a.node)
         if actions:
             self.changed.set()
+
+    def node_down_future(self, node: int) -> asyncio.Future:
+        """A future resolved when `node` is seen dead (silent past the failure timeout)."""
+        fut = asyncio.get_running_loop().create_future()
+        if not self.members.is_present(node, time.monotonic()):
+            fut.set_result(node)
+        else:
+            self._down_waiters.setdefault(node, []).append(fut)
+        return fut
+
+    def place(self, argv: list[str], uid: int, online: list[int]) -> int:
+        """Where a new job goes, by the scheduler's placement policy over the online nodes."""
+        loads = []
+        for n in online:
+            st = self.stats.get(n)
+            if st is None:
+                continue
+            loads.append(NodeLoad(node=n, cpus=st["cpus"], load=st["load"][0], cpu_percent=st["cpu_percent"],
+                                  mem_total=st["mem_total"], mem_free=st["mem_free"],
+                                  jobs=st.get("jobs", 0) + self._placed_since[n]))
+        node = self.scheduler.place(JobSpec(argv=tuple(argv), uid=uid, origin=self.me),
+                                    ClusterView(nodes=tuple(loads), local=self.me))
+        self._placed_since[node] += 1       # until its next heartbeat counts it
+        return node
+
+    # -- the scheduler's configuration: cluster-wide, newest (version, proposer) wins -----------------------
+
+    def _load_scheduler(self) -> tuple[tuple[int, int], Scheduler]:
+        try:
+            saved = json.loads(self.scheduler_file.read_text())
+            return tuple(saved["version"]), Scheduler(SchedulerConfig.from_dict(saved["config"]))
+        except FileNotFoundError:
+            return (0, 0), Scheduler()
+        except (ValueError, KeyError, TypeError, KrgError) as e:
+            log.warning("ignoring %s: %s", self.scheduler_file, e)
+            return (0, 0), Scheduler()
+
+    def _set_scheduler(self, version: tuple[int, int], config: SchedulerConfig) -> None:
+        self.scheduler.reconfigure(config)
+        self.scheduler_version = version
+        atomic_write(self.scheduler_file, json.dumps({"version": list(version), "config": config.to_dict()}).encode(),
+                     mode=0o644)
+        log.info("scheduler: policy %s, balancer %s (version %d by node %d)", config.policy,
+                 config.balancer or "none", *version)
+
+    def _adopt_scheduler(self, node: int, offer: dict) -> None:
+        try:
+            version = tuple(int(v) for v in offer["version"])
+            if len(version) != 2 or version <= self.scheduler_version:
+                return
+            self._set_scheduler(version, SchedulerConfig.from_dict(offer["config"]))
+        except (KeyError, TypeError, ValueError, KrgError) as e:
+            log.warning("node %d offered a scheduler configuration we cannot use: %s", node, e)
+
+    async def handle_scheduler_show(self, msg, caller) -> dict:
+        return {"version": list(self.scheduler_version), **self.scheduler.describe(),
+                "config": self.scheduler.config.to_dict(), "known": known_policies()}
+
+    async def handle_scheduler_set(self, msg: p.SchedulerSet, caller) -> dict:
+        config = SchedulerConfig.from_dict(msg.config)
+        config.validate()
+        self._set_scheduler((self.scheduler_version[0] + 1, self.me), config)
+        self._broadcast()
+        log.info("scheduler set by uid %d", caller.uid)
+        return await self.handle_scheduler_show(msg, caller)
+
+    async def _rejoin(self) -> None:
+        """Back into the cluster after a crash, once we hear it (a view with members)."""
+        deadline = time.monotonic() + 10
+        while not self.members.view.nodes:
+            if time.monotonic() > deadline:
+                log.info("no cluster heard since the restart: waiting for 'krgadm nodes add'")
+                return
+            await self._changed(0.5)
+        try:
+            await self._change_view(add={self.me})
+            log.info("node %d rejoined the cluster after a restart", self.me)
+        except KrgError as e:
+            log.warning("node %d could not rejoin the cluster: %s", self.me, e)
 
     async def _changed(self, timeout: float) -> None:
         self.changed.clear()
@@ -190,11 +318,11 @@ class Daemon:
         handler = self.peer_handlers.get(type(msg))
         if handler is None:
             raise KrgError(f"{msg.op} is not a node-to-node message")
-        return await handler(node, msg)
+        return await handler(node, msg, payload)
 
     # -- node to node -----------------------------------------------------------------------------
 
-    async def handle_heartbeat(self, node: int, msg: p.Heartbeat) -> None:
+    async def handle_heartbeat(self, node: int, msg: p.Heartbeat, payload) -> None:
         if msg.node != node:
             log.warning("node %d sent a heartbeat claiming to be node %d; ignored", node, msg.node)
             return None
@@ -204,20 +332,25 @@ class Daemon:
             log.warning("node %d sent a bad view: %s", node, e)
             return None
         self.stats[node] = msg.stats
+        self._placed_since[node] = 0
+        self.jobs.peer_version(node, msg.jobs)
+        if msg.scheduler is not None:
+            self._adopt_scheduler(node, msg.scheduler)
         self.reports[node] = (view.epoch, frozenset(msg.hears))
         self._apply(self.members.on_heartbeat(time.monotonic(), node, msg.incarnation, view))
         self.changed.set()
         return None
 
-    async def handle_peer_ping(self, node: int, msg: p.PeerPing) -> p.Message:
+    async def handle_peer_ping(self, node: int, msg: p.PeerPing, payload) -> p.Message:
         return p.Ok(result={"node": self.me})
 
-    async def handle_peer_poweroff(self, node: int, msg: p.PeerPoweroff) -> p.Message:
+    async def handle_peer_poweroff(self, node: int, msg: p.PeerPoweroff, payload) -> p.Message:
         log.info("poweroff requested by node %d", node)
+        await self.jobs.end_all()
         asyncio.get_running_loop().call_later(0.05, self.stopping.set)
         return p.Ok()
 
-    async def handle_peer_reboot(self, node: int, msg: p.PeerReboot) -> p.Message:
+    async def handle_peer_reboot(self, node: int, msg: p.PeerReboot, payload) -> p.Message:
         log.info("reboot requested by node %d", node)
         self.reboot = True
         asyncio.get_running_loop().call_later(0.05, self.stopping.set)
@@ -231,7 +364,8 @@ class Daemon:
     async def handle_cluster_status(self, msg, caller) -> dict:
         online = self._online()
         return {"up": bool(online), "online": online, "epoch": self.members.view.epoch,
-                "session": self.cfg.session, "local": self.me, "incarnation": self.incarnation}
+                "session": self.cfg.session, "local": self.me, "incarnation": self.incarnation,
+                "view": self.members.view.to_wire()}
 
     async def handle_nodes_status(self, msg, caller) -> dict:
         states = self.members.states(time.monotonic())
@@ -305,6 +439,7 @@ class Daemon:
     async def handle_cluster_poweroff(self, msg, caller) -> dict:
         others = [n for n in self._online() if n != self.me]
         await self._tell_all(others, p.PeerPoweroff())
+        await self.jobs.end_all()
         log.info("cluster poweroff requested by uid %d: stopping nodes %s", caller.uid, [self.me, *others])
         asyncio.get_running_loop().call_later(0.05, self.stopping.set)
         return {"nodes": sorted([self.me, *others])}
@@ -319,13 +454,19 @@ class Daemon:
         return {"nodes": members}
 
     async def _tell_all(self, nodes: list[int], msg: p.Message) -> None:
-        results = await asyncio.gather(*(self.transport.request(n, msg) for n in nodes), return_exceptions=True)
+        results = await asyncio.gather(*(self.transport.request(n, msg, timeout=15) for n in nodes),
+                                       return_exceptions=True)
         for n, r in zip(nodes, results):
             if isinstance(r, Exception):
                 log.warning("node %d did not take %s: %s", n, msg.op, r)
 
-    async def handle_daemon_stop(self, msg, caller) -> dict:
-        log.info("stop requested by uid %d", caller.uid)
+    async def handle_list_jobs(self, msg: p.ListJobs, caller) -> dict:
+        return {"jobs": await self.jobs.listing(msg.uid, msg.node), "local": self.me}
+
+    async def handle_daemon_stop(self, msg: p.DaemonStop, caller) -> dict:
+        log.info("stop requested by uid %d%s", caller.uid, " with its jobs" if msg.jobs else "")
+        if msg.jobs:
+            await self.jobs.end_all()
         asyncio.get_running_loop().call_later(0.05, self.stopping.set)
         return {"node": self.me}
 

@@ -79,3 +79,13 @@ class Unreachable(KrgError):
 
 class Timeout(KrgError):
     """A wait for a cluster condition ran out."""
+
+
+class NoSuchJob(KrgError):
+    """No job has that global PID (or not on the node asked)."""
+
+
+class JobLost(KrgError):
+    """The node hosting the job died; exit status 255, apart from any program's status."""
+
+    exit_code = 255

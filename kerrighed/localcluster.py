@@ -123,7 +123,7 @@ def stop_daemon(home: Home, node: int, timeout: float = 10.0) -> None:
         home.socket(node).unlink(missing_ok=True)
         return
     try:
-        with Client(home.socket(node), timeout=2) as c:
+        with Client(home.socket(node), timeout=timeout + 5) as c:
             c.call(p.DaemonStop())
     except KrgError:
         _signal(pid, signal.SIGTERM)

@@ -37,6 +37,8 @@ class Caller:
 
 # handler(caller, message, payload) -> result (sent back in an `ok` reply)
 Handler = Callable[[Caller, protocol.Message, list[bytes]], Awaitable[object]]
+# stream handler(caller, message, reader, writer): takes the connection over (a job's stdio)
+StreamHandler = Callable[[Caller, protocol.Message, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 async def read_frames(reader: asyncio.StreamReader) -> list[bytes] | None:
@@ -63,9 +65,10 @@ async def read_frames(reader: asyncio.StreamReader) -> list[bytes] | None:
 
 
 class LocalServer:
-    def __init__(self, path: Path, handler: Handler):
-        self.path, self.handler = path, handler
+    def __init__(self, path: Path, handler: Handler, streams: dict[type, StreamHandler]):
+        self.path, self.handler, self.streams = path, handler, streams
         self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -76,8 +79,19 @@ class LocalServer:
         if self._server is not None:
             self._server.close()
             self.path.unlink(missing_ok=True)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            await self._converse(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
         caller = Caller(pid, uid, gid)
@@ -92,28 +106,36 @@ class LocalServer:
                     return
                 if frames is None:
                     return
-                reply, rid = await self._handle(caller, frames)
-                await self._reply(writer, reply, rid)
+                try:
+                    msg, rid, payload = protocol.decode(frames)
+                except ProtocolError as e:
+                    log.warning("refused a message from pid %d uid %d: %s", pid, uid, e)
+                    await self._reply(writer, protocol.Error.of(e), _peek_rid(frames))
+                    continue
+                stream = self.streams.get(type(msg))
+                if stream is not None:
+                    await stream(caller, msg, reader, writer)
+                    return
+                await self._reply(writer, await self._handle(caller, msg, payload), rid)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
 
-    async def _handle(self, caller: Caller, frames: list[bytes]) -> tuple[protocol.Message, int]:
-        rid = 0
+    async def _handle(self, caller: Caller, msg: protocol.Message, payload: list[bytes]) -> protocol.Message:
         try:
-            msg, rid, payload = protocol.decode(frames)
-            return protocol.Ok(result=await self.handler(caller, msg, payload)), rid
-        except ProtocolError as e:
-            log.warning("refused a message from pid %d uid %d: %s", caller.pid, caller.uid, e)
-            return protocol.Error.of(e), rid
+            return protocol.Ok(result=await self.handler(caller, msg, payload))
         except KrgError as e:
-            return protocol.Error.of(e), rid
+            return protocol.Error.of(e)
         except Exception as e:
             log.exception("handler failed for pid %d uid %d", caller.pid, caller.uid)
-            return protocol.Error(kind="KrgError", message=f"internal error in krgd: {e!r}"), rid
+            return protocol.Error(kind="KrgError", message=f"internal error in krgd: {e!r}")
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, reply: protocol.Message, rid: int) -> None:
         writer.write(protocol.pack_stream(protocol.encode(reply, rid)))
         await writer.drain()
+
+
+def _peek_rid(frames: list[bytes]) -> int:
+    return int.from_bytes(frames[2], "big") if len(frames) > 2 and len(frames[2]) == 8 else 0

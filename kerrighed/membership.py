@@ -70,6 +70,15 @@ class PeerUp:
 
 @dataclass(frozen=True)
 class PeerDown:
+    """Silent for longer than the timeout: the node (or its machine) is gone."""
+
+    node: int
+
+
+@dataclass(frozen=True)
+class PeerRestarted:
+    """Its daemon answers with a new incarnation: the daemon restarted, its node did not die."""
+
     node: int
 
 
@@ -145,8 +154,8 @@ class Membership:
         self.last_seen[node] = now
         self.incarnations[node] = incarnation
         if restarted and was_present:
-            actions.append(PeerDown(node))
-        if not was_present or restarted:
+            actions.append(PeerRestarted(node))
+        elif not was_present:
             actions.append(PeerUp(node))
         self._reported_present.add(node)
         if view.newer_than(self.view):

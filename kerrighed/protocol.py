@@ -178,6 +178,8 @@ class Heartbeat(Message):
     view: dict[str, Any]        # membership.View.to_wire()
     stats: dict[str, Any]       # this node's figures (stats.node_stats)
     hears: list[int] = dataclasses.field(default_factory=list)   # the nodes it sees present
+    scheduler: dict[str, Any] | None = None     # {"version", "proposer", "config"}: newest wins
+    jobs: int = 0                               # version of its job list: peers re-read it on change
 
 
 @message("peer.ping")
@@ -233,6 +235,18 @@ class NodesDel(Message):
     nodes: list[int]
 
 
+@message("scheduler.show")
+class SchedulerShow(Message):
+    pass
+
+
+@message("scheduler.set")
+class SchedulerSet(Message):
+    """A new cluster-wide scheduler configuration (scheduler.SchedulerConfig.to_dict())."""
+
+    config: dict[str, Any]
+
+
 @message("node.ping")
 class NodePing(Message):
     """Round trip from a command through the local daemon to `node` and back."""
@@ -243,6 +257,206 @@ class NodePing(Message):
 @message("daemon.stop")
 class DaemonStop(Message):
     """Stops this node's daemon only (the local-cluster tooling uses it)."""
+
+    jobs: bool = True       # end the jobs it hosts too (else they wait to be adopted again)
+
+
+# -- jobs: command to local daemon ---------------------------------------------------------------------
+
+
+@message("proc.run")
+class RunJob(Message):
+    """Launch a job. Unless detached, the connection then carries its stdio (the io.* messages)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    umask: int
+    node: int | None = None           # None: the scheduler decides
+    tty: bool = False
+    rows: int = 24
+    cols: int = 80
+    detach: bool = False
+    window: int = 1 << 20             # output bytes the command accepts before it grants more
+
+
+@message("proc.attach")
+class AttachJob(Message):
+    """Take over the stdio of a running job (after the launching daemon restarted)."""
+
+    gpid: int
+    window: int = 1 << 20
+
+
+@message("proc.list")
+class ListJobs(Message):
+    uid: int | None = None
+    node: int | None = None
+
+
+@message("proc.kill")
+class KillJobs(Message):
+    gpids: list[int]
+    signal: int
+
+
+@message("proc.wait")
+class WaitJob(Message):
+    gpid: int
+
+
+@message("caps.get")
+class CapsGet(Message):
+    """Kerrighed capabilities of a job (gpid) or of a local process (pid)."""
+
+    pid: int | None = None
+    gpid: int | None = None
+
+
+@message("caps.set")
+class CapsSet(Message):
+    changes: list[list[str]]          # [[set name, krgcapset spec], ...], applied together
+    pid: int | None = None
+    gpid: int | None = None
+
+
+# -- a job's stdio between the command and its daemon (one session per connection) -----------------
+
+
+@message("io.output")
+class Output(Message):
+    fd: int                           # 1 or 2; the data is the payload
+
+
+@message("io.input")
+class Input(Message):
+    """The data is the payload."""
+
+
+@message("io.eof")
+class InputEof(Message):
+    pass
+
+
+@message("io.credit")
+class Credit(Message):
+    """Flow control: the receiver may send `nbytes` more bytes of stream data."""
+
+    nbytes: int
+
+
+@message("io.signal")
+class Signal(Message):
+    signal: int
+
+
+@message("io.winsize")
+class Winsize(Message):
+    rows: int
+    cols: int
+
+
+@message("io.exit")
+class Exit(Message):
+    code: int | None = None
+    signal: int | None = None
+
+
+@message("io.lost")
+class Lost(Message):
+    reason: str
+
+
+# -- jobs: node to node ---------------------------------------------------------------------------------
+
+
+@message("job.start")
+class JobStart(Message):
+    gpid: int
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    umask: int
+    uid: int
+    gid: int
+    groups: list[int]
+    origin: int                       # the node whose daemon holds the command's session
+    tty: bool = False
+    rows: int = 24
+    cols: int = 80
+    detach: bool = False
+    caps: dict[str, int] | None = None
+    app: int | None = None
+    window: int = 1 << 20
+
+
+@message("job.attach")
+class JobAttach(Message):
+    """Send the job's stdio to `origin` from now on, with a fresh output window."""
+
+    gpid: int
+    origin: int
+    window: int
+
+
+@message("job.output")
+class JobOutput(Message):
+    gpid: int
+    fd: int
+
+
+@message("job.input")
+class JobInput(Message):
+    gpid: int
+
+
+@message("job.eof")
+class JobEof(Message):
+    gpid: int
+
+
+@message("job.credit")
+class JobCredit(Message):
+    gpid: int
+    nbytes: int
+
+
+@message("job.winsize")
+class JobWinsize(Message):
+    gpid: int
+    rows: int
+    cols: int
+
+
+@message("job.exit")
+class JobExit(Message):
+    gpid: int
+    code: int | None = None
+    signal: int | None = None
+
+
+@message("job.signal")
+class JobSignal(Message):
+    gpid: int
+    signal: int
+    uid: int                          # who asks: the hosting node checks ownership
+
+
+@message("job.list")
+class JobList(Message):
+    uid: int | None = None
+
+
+@message("job.caps")
+class JobCaps(Message):
+    gpid: int
+    uid: int                          # who asks: the hosting node checks ownership
+    changes: list[list[str]] | None = None
+
+
+@message("job.wait")
+class JobWait(Message):
+    gpid: int
 
 
 # -- the local socket's framing ---------------------------------------------------------------------

@@ -110,9 +110,9 @@ class Transport:
 
     # -- sending ----------------------------------------------------------------------------------
 
-    def send(self, node: int, msg: protocol.Message) -> bool:
+    def send(self, node: int, msg: protocol.Message, payload: list[bytes] = ()) -> bool:
         """One-way message; False when the peer is not connected (the message is dropped)."""
-        return _send_now(self._dealers[node], protocol.encode(msg))
+        return _send_now(self._dealers[node], protocol.encode(msg, 0, payload))
 
     async def request(self, node: int, msg: protocol.Message, timeout: float = 2.0,
                       payload: list[bytes] = ()) -> object:
@@ -160,7 +160,13 @@ class Transport:
             if node is None:
                 log.warning("dropped a message without an authenticated sender")
                 continue
-            self._spawn(self._dispatch(ident, node, [f.bytes for f in body]))
+            frames = [f.bytes for f in body]
+            if _peek_rid(frames) == 0:
+                # One-way messages (heartbeats, stream data) are handled inline, in arrival
+                # order; their handlers must not block.
+                await self._dispatch(ident, node, frames)
+            else:
+                self._spawn(self._dispatch(ident, node, frames))
 
     async def _dispatch(self, ident: bytes, node: int, frames: list[bytes]) -> None:
         rid = 0
@@ -217,7 +223,6 @@ def _send_now(sock: zmq.asyncio.Socket, frames: list[bytes]) -> bool:
 
 
 def _peek_rid(frames: list[bytes]) -> int:
-    try:
-        return int.from_bytes(frames[2], "big") if len(frames[2]) == 8 else 0
-    except IndexError:
-        return 0
+    if len(frames) > 2 and len(frames[2]) == 8:
+        return int.from_bytes(frames[2], "big")
+    return 0

@@ -3,7 +3,7 @@
 import pytest
 
 from kerrighed.membership import (
-    ONLINE, POSSIBLE, PRESENT, Broadcast, Membership, PeerDown, PeerUp, View, ViewChanged,
+    ONLINE, POSSIBLE, PRESENT, Broadcast, Membership, PeerDown, PeerRestarted, PeerUp, View, ViewChanged,
 )
 
 T = 1.5     # failure timeout
@@ -89,7 +89,7 @@ def test_a_restarted_daemon_is_not_online_in_the_old_view():
     hear(m, 0.0, 2)
     m.propose(0.0, add={2})
     actions = hear(m, 0.5, 2, inc=999)     # node 2 came back with a new incarnation
-    assert PeerDown(2) in actions and PeerUp(2) in actions
+    assert PeerRestarted(2) in actions and PeerDown(2) not in actions
     assert m.state(2, 0.5) == PRESENT
     m.tick(0.6)
     assert m.view.nodes == {1}             # the coordinator dropped the old incarnation

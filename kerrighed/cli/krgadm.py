@@ -3,6 +3,7 @@
     krgadm cluster [status|info|start|stop|poweroff|reboot|init]
     krgadm nodes [status] [-n LIST]
     krgadm nodes {add|del} (-n LIST | -c COUNT | -t TOTAL | -a)
+    krgadm scheduler [show] | set POLICY[:KEY=VALUE,...] [--balancer NAME[:...] | --no-balancer]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_options(ap)
     ap.set_defaults(json=False, nodes=None)     # what the default sub-commands read
-    top = ap.add_subparsers(dest="area", metavar="{cluster,nodes}")
+    top = ap.add_subparsers(dest="area", metavar="{cluster,nodes,scheduler}")
 
     cl = top.add_parser("cluster", help="the cluster as a whole")
     cl.set_defaults(json=False)
@@ -77,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "add":
             s.add_argument("-w", "--wait", type=float, default=60.0, metavar="SECONDS",
                            help="how long to wait for nodes to be present (default 60)")
+
+    sc = top.add_parser("scheduler", help="the cluster-wide placement policy and balancer")
+    sc.set_defaults(json=False)
+    scsub = sc.add_subparsers(dest="action", metavar="ACTION")
+    s = scsub.add_parser("show", help="the active policy and balancer, and the known ones (the default)")
+    s.add_argument("--json", action="store_true")
+    s = scsub.add_parser("set", help="choose the placement policy (and balancer) on every node")
+    s.add_argument("policy", metavar="POLICY[:KEY=VALUE,...]")
+    b = s.add_mutually_exclusive_group()
+    b.add_argument("--balancer", metavar="NAME[:KEY=VALUE,...]", help="also move running jobs with this balancer")
+    b.add_argument("--no-balancer", action="store_true", help="stop moving running jobs")
     return ap
 
 
@@ -84,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_main("krgadm", build_parser(), argv, dispatch)
 
 
-CHANGES_THE_CLUSTER = {("nodes", "add"), ("nodes", "del"), ("cluster", "poweroff"), ("cluster", "reboot")}
+CHANGES_THE_CLUSTER = {("nodes", "add"), ("nodes", "del"), ("cluster", "poweroff"), ("cluster", "reboot"),
+                       ("scheduler", "set")}
 
 
 def dispatch(args) -> int:
@@ -94,6 +107,8 @@ def dispatch(args) -> int:
         raise PermissionDenied(f"{area} {action}: permission denied (only root may change the cluster)")
     if area == "nodes":
         return {"status": nodes_status, "add": nodes_add, "del": nodes_del}[action](args)
+    if area == "scheduler":
+        return {"show": scheduler_show, "set": scheduler_set}[action](args)
     return {"status": cluster_status, "info": cluster_info, "start": cluster_start, "stop": cluster_stop,
             "poweroff": cluster_poweroff, "reboot": cluster_reboot, "init": cluster_init}[action](args)
 
@@ -383,6 +398,51 @@ def nodes_del(args) -> int:
             return 1
         print("done")
         return 0
+
+
+# -- scheduler --------------------------------------------------------------------------------------
+
+
+def scheduler_show(args) -> int:
+    with connect(args) as c:
+        shown = c.call(p.SchedulerShow())
+    if args.json:
+        print_json(shown)
+        return 0
+    print_scheduler(shown)
+    return 0
+
+
+def print_scheduler(shown: dict) -> None:
+    def named(part):
+        if part is None:
+            return "none"
+        params = ",".join(f"{k}={v}" for k, v in sorted(part["params"].items()))
+        return part["name"] + (f":{params}" if params else "")
+
+    print(f"policy: {named(shown['policy'])}")
+    print(f"balancer: {named(shown['balancer'])}")
+    print("known policies:")
+    for name, description in sorted(shown["known"].items()):
+        print(f"  {name:<20} {description}")
+
+
+def scheduler_set(args) -> int:
+    from scheduler.config import SchedulerConfig, parse_assignment     # only this command needs it
+
+    policy, params = parse_assignment(args.policy)
+    with connect(args) as c:
+        current = c.call(p.SchedulerShow())["config"]
+        if args.balancer:
+            balancer, balancer_params = parse_assignment(args.balancer)
+        elif args.no_balancer:
+            balancer, balancer_params = None, {}
+        else:
+            balancer, balancer_params = current["balancer"], current["balancer_params"]
+        config = SchedulerConfig(policy, params, balancer, balancer_params)
+        shown = c.call(p.SchedulerSet(config=config.to_dict()))
+    print_scheduler(shown)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,227 @@
+"""krg run: run an unmodified program on the node the scheduler picks, as if it ran here.
+
+The command talks to its own node's daemon only (a Unix socket, no ZeroMQ: its start-up is on the
+path of every launch). stdin, stdout and stderr stream both ways with flow control: the job gets more
+output credit only as fast as we write its output, and we send input only as fast as it reads.
+With a terminal on both ends the job gets a pseudo-terminal (like `ssh -t`) and our terminal goes
+raw, so Ctrl-C and Ctrl-Z travel as keys; otherwise the signals we receive are forwarded.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import socket
+import sys
+import termios
+import tty
+
+from kerrighed import protocol as p
+from kerrighed.errors import JobLost, NotRunning, ProtocolError
+
+WINDOW = 1 << 20
+CHUNK = 64 * 1024
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+             signal.SIGALRM, signal.SIGWINCH, signal.SIGTSTP, signal.SIGCONT)
+
+
+class Connection:
+    """The local socket, read without blocking: frames are parsed as they complete."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = bytearray()
+        self.writable = True
+        self.early: list[tuple[p.Message, list[bytes]]] = []   # received along with the launch reply
+
+    def send(self, msg: p.Message, payload=()) -> None:
+        """Send; once the daemon has hung up, drop what we would say: the job's end (or loss) is
+        already on its way to us, and that is what we must read."""
+        if not self.writable:
+            return
+        try:
+            if self.sock.getblocking():
+                self.sock.sendall(p.pack_stream(p.encode(msg, 0, payload)))
+            else:
+                _send_all(self.sock, p.pack_stream(p.encode(msg, 0, payload)))
+        except (BrokenPipeError, ConnectionResetError):
+            self.writable = False
+
+    def receive(self) -> list[tuple[p.Message, list[bytes]]]:
+        """Messages complete so far; raises NotRunning when the daemon hangs up."""
+        try:
+            data = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return []
+        except ConnectionError as e:
+            raise NotRunning(f"lost the connection to krgd ({e.strerror})") from None
+        if not data:
+            raise NotRunning("krgd closed the connection")
+        self.buf += data
+        out = []
+        while True:
+            frames, used = _parse(self.buf)
+            if frames is None:
+                return out
+            del self.buf[:used]
+            msg, _, payload = p.decode(frames)
+            out.append((msg, payload))
+
+    def wait_reply(self) -> object:
+        while True:
+            select.select([self.sock], [], [])
+            received = self.receive()
+            for i, (msg, _) in enumerate(received):
+                if isinstance(msg, p.Error):
+                    raise msg.exception()
+                if isinstance(msg, p.Ok):
+                    self.early = received[i + 1:]
+                    return msg.result
+                raise ProtocolError(f"unexpected {msg.op} before the launch reply")
+
+
+def _send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            select.select([], [sock], [])
+
+
+def _parse(buf: bytearray) -> tuple[list[bytes] | None, int]:
+    if len(buf) < 4:
+        return None, 0
+    (count,) = p.LENGTH.unpack_from(buf, 0)
+    off, frames = 4, []
+    for _ in range(count):
+        if len(buf) < off + 4:
+            return None, 0
+        (size,) = p.LENGTH.unpack_from(buf, off)
+        if len(buf) < off + 4 + size:
+            return None, 0
+        frames.append(bytes(buf[off + 4: off + 4 + size]))
+        off += 4 + size
+    return frames, off
+
+
+def launch(path, argv: list[str], node: int | None, detach: bool, use_tty: bool) -> tuple[Connection, dict]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        sock.close()
+        raise NotRunning(f"cannot reach krgd at {path}: {e.strerror}") from None
+    conn = Connection(sock)
+    umask = os.umask(0)
+    os.umask(umask)
+    rows, cols = _winsize() if use_tty else (24, 80)
+    conn.send(p.RunJob(argv=argv, env=dict(os.environ), cwd=os.getcwd(), umask=umask, node=node,
+                       tty=use_tty, rows=rows, cols=cols, detach=detach, window=WINDOW))
+    return conn, conn.wait_reply()
+
+
+def attach(path, gpid: int) -> tuple[Connection, dict]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))
+    conn = Connection(sock)
+    conn.send(p.AttachJob(gpid=gpid, window=WINDOW))
+    return conn, conn.wait_reply()
+
+
+def _winsize() -> tuple[int, int]:
+    try:
+        size = os.get_terminal_size(sys.stdin.fileno())
+        return size.lines, size.columns
+    except OSError:
+        return 24, 80
+
+
+def stream(conn: Connection, use_tty: bool) -> int:
+    """Relay stdio and signals until the job ends; its exit status, as a shell would give it."""
+    sig_r, sig_w = os.pipe()
+    os.set_blocking(sig_w, False)
+    signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
+    old_handlers = {s: signal.signal(s, lambda *_: None) for s in FORWARDED}
+    saved_tty = termios.tcgetattr(0) if use_tty else None
+    if use_tty:
+        tty.setraw(0)
+    conn.sock.setblocking(False)
+    stdin_open, input_credit = True, WINDOW
+    try:
+        while True:
+            want = [conn.sock, sig_r]
+            if stdin_open and input_credit > 0:
+                want.append(0)
+            try:
+                ready, _, _ = select.select(want, [], [], 0 if conn.early else None)
+            except InterruptedError:
+                continue
+            if sig_r in ready:
+                for sig in os.read(sig_r, 64):
+                    _on_signal(conn, sig, use_tty)
+            if 0 in ready:
+                try:
+                    data = os.read(0, min(CHUNK, input_credit))
+                except OSError:
+                    data = b""
+                if data:
+                    input_credit -= len(data)
+                    conn.send(p.Input(), [data])
+                elif not use_tty:
+                    stdin_open = False
+                    conn.send(p.InputEof())
+                else:
+                    stdin_open = False
+            if conn.sock in ready or conn.early:
+                received, conn.early = conn.early + (conn.receive() if conn.sock in ready else []), []
+                for msg, payload in received:
+                    if isinstance(msg, p.Output):
+                        for data in payload:
+                            _write_all(1 if use_tty else msg.fd, data)
+                            conn.send(p.Credit(nbytes=len(data)))
+                    elif isinstance(msg, p.Credit):
+                        input_credit += msg.nbytes
+                    elif isinstance(msg, p.Exit):
+                        return msg.code if msg.code is not None else 128 + msg.signal
+                    elif isinstance(msg, p.Lost):
+                        raise JobLost(f"job lost: {msg.reason}")
+    finally:
+        if saved_tty is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved_tty)
+        signal.set_wakeup_fd(-1)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        os.close(sig_r)
+        os.close(sig_w)
+
+
+def _on_signal(conn: Connection, sig: int, use_tty: bool) -> None:
+    if sig == signal.SIGWINCH:
+        if use_tty:
+            rows, cols = _winsize()
+            conn.send(p.Winsize(rows=rows, cols=cols))
+        return
+    conn.send(p.Signal(signal=sig))
+    if sig == signal.SIGTSTP and not use_tty:
+        # Stop the job, then ourselves, as a local program would; SIGCONT resumes both.
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)
+        signal.signal(signal.SIGTSTP, lambda *_: None)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                return          # our reader went away; the job finds out through its own pipe
+            raise
+        view = view[n:]
