@@ -156,7 +156,9 @@ def cluster(request, make_home):
     c = LocalCluster(make_home())
     pids = []
     try:
-        c.krgadm("cluster", "start", "--local", str(count))
+        port = localcluster.free_port([localcluster.local_address(n) for n in range(1, count + 1)],
+                                      prefer_default=False)
+        c.krgadm("cluster", "start", "--local", str(count), "--port", str(port))
         pids = [c.pid(n) for n in range(1, count + 1)]
         yield c
     finally:

@@ -306,3 +306,41 @@ def test_stop_and_continue(cluster, popen_krg):
              what="the job to continue")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=20) == 128 + signal.SIGINT
+
+
+def test_top_shows_nodes_and_the_busiest_jobs(cluster):
+    busy = int(krg_run(cluster, "-d", "-n", "2", "sh", "-c", "while :; do :; done").stdout.split()[-1])
+    idle = int(krg_run(cluster, "-d", "-n", "3", "sleep", "300").stdout.split()[-1])
+    out = cluster.run("krg", "top", "-b", "-n", "2", "-d", "0.5").stdout
+    assert out.count("krg top - ") == 2
+    last = out[out.rindex("krg top - "):]
+    assert "3 nodes online" in last
+    for n in (1, 2, 3):
+        assert re.search(rf"^node\s+{n} online\s+\[", last, re.M)
+    rows = [line.split() for line in last.splitlines() if line.strip().startswith((str(busy), str(idle)))]
+    assert [int(r[0]) for r in rows] == [busy, idle]          # the busiest first
+    assert float(rows[0][4]) > 50.0 > float(rows[1][4])
+    cluster.run("krg", "kill", "-9", str(busy), str(idle))
+
+
+def test_top_quits_on_q(cluster):
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    env = {**os.environ, "TERM": "xterm"}
+    proc = subprocess.Popen([str(BIN / "krg"), "--home", str(cluster.home.path), "top", "-d", "0.3"],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
+    os.close(slave)
+    try:
+        out = b""
+        deadline = time.monotonic() + 20
+        while b"nodes online" not in out:
+            assert time.monotonic() < deadline, out
+            if select.select([master], [], [], 1)[0]:
+                out += os.read(master, 65536)
+        os.write(master, b"q")
+        assert proc.wait(timeout=10) == 0
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +61,8 @@ class ClusterConfig:
 
     @classmethod
     def load(cls, path: Path) -> ClusterConfig:
+        import tomllib
+
         try:
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:

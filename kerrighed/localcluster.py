@@ -29,27 +29,28 @@ def local_address(node: int) -> str:
     return f"127.0.0.{FIRST_ADDRESS - 1 + node}"
 
 
-def ensure_config(home: Home, count: int, **settings) -> ClusterConfig:
+def ensure_config(home: Home, count: int, port: int | None = None, **settings) -> ClusterConfig:
     """Create (or re-create, keeping keys) a configuration for nodes 1..count on loopback."""
     if not 1 <= count <= MAX_LOCAL_NODES:
         raise ConfigError(f"a local cluster has 1..{MAX_LOCAL_NODES} nodes, not {count}")
     wanted = {n: local_address(n) for n in range(1, count + 1)}
     if home.cluster_file.exists():
         cfg = home.load_config()
-        if {n: c.address for n, c in cfg.nodes.items()} == wanted and not settings:
+        if {n: c.address for n, c in cfg.nodes.items()} == wanted and not settings \
+                and port in (None, cfg.nodes[1].port):
             return cfg
         running = running_nodes(home)
         if running:
             raise ConfigError(f"{home.path} already runs a cluster of {len(cfg.nodes)} nodes "
                               f"(daemons of nodes {running} up); stop it first with 'krgadm cluster stop'")
-        return home.init_cluster(wanted, session=cfg.session, port=free_port(wanted.values()), **settings)
-    return home.init_cluster(wanted, port=free_port(wanted.values()), **settings)
+        return home.init_cluster(wanted, session=cfg.session, port=port or free_port(wanted.values()), **settings)
+    return home.init_cluster(wanted, port=port or free_port(wanted.values()), **settings)
 
 
-def free_port(addresses) -> int:
+def free_port(addresses, prefer_default: bool = True) -> int:
     """The default port if every address has it free, else a random port free on all of them:
     several local clusters (tests, benchmarks, a demo) can then run side by side."""
-    candidates = [DEFAULT_PORT] + random.sample(range(20000, 60000), 50)
+    candidates = [DEFAULT_PORT] * prefer_default + random.sample(range(20000, 60000), 50)
     for port in candidates:
         if all(_can_bind(a, port) for a in addresses):
             return port

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import pwd
 import signal
-import statistics
 import sys
 import time
 
 from kerrighed import protocol as p
 from kerrighed.cli import krg_run
 from kerrighed.cli._common import add_common_options, connect, print_json, run_main
-from kerrighed.cli.krgadm import info_total, print_info
 from kerrighed.client import find_socket
 from kerrighed.config import Home
 from kerrighed.errors import UsageError
@@ -181,6 +179,8 @@ def _duration(seconds: float) -> str:
 
 
 def info(args) -> int:
+    from kerrighed.cli.krgadm import info_total, print_info
+
     with connect(args) as c:
         nodes = c.call(p.ClusterInfo())["nodes"]
     if args.json:
@@ -191,6 +191,8 @@ def info(args) -> int:
 
 
 def ping(args) -> int:
+    import statistics
+
     if args.count < 1:
         raise UsageError(f"--count must be at least 1, not {args.count}")
     rtts = []

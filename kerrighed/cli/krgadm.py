@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s = clsub.add_parser("start", help="form the cluster from the present nodes; --local N also starts N daemons here")
     s.add_argument("--local", type=int, metavar="N", help="start N node daemons on 127.0.0.11, 127.0.0.12, ...")
+    s.add_argument("--port", type=int, help="with --local: the TCP port of every node (default 7531 if free)")
     s.add_argument("-w", "--wait", type=float, default=60.0, metavar="SECONDS", help="how long to wait (default 60)")
     clsub.add_parser("stop", help="stop the node daemons of this machine (this home)")
     clsub.add_parser("poweroff", help="stop every node's daemon")
@@ -177,7 +178,7 @@ def gib(n: int) -> str:
 def cluster_start(args) -> int:
     home = Home.resolve(args.home)
     if args.local is not None:
-        cfg = localcluster.ensure_config(home, args.local)
+        cfg = localcluster.ensure_config(home, args.local, port=args.port)
         nodes = sorted(cfg.nodes)
         print(f"Starting nodes [{format_node_list(nodes)}] on {cfg.nodes[nodes[0]].address}-"
               f"{cfg.nodes[nodes[-1]].address}... ", end="", flush=True)
