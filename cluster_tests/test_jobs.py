@@ -344,3 +344,17 @@ def test_top_quits_on_q(cluster):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_krg_run_carries_on_through_a_restart_of_its_own_daemon(cluster, popen_krg):
+    """The daemon holding the command's session restarts: the job runs on, and krg run takes its
+    stdio back and still exits with the job's status."""
+    proc = popen_krg("run", "-n", "2", "sh", "-c", "echo ready; read line; echo got $line; exit 4",
+                     node=1, stdin=subprocess.PIPE)
+    read_until(proc.stdout, b"ready")
+    cluster.kill(1)
+    cluster.start(1)
+    proc.stdin.write(b"hello\n")
+    proc.stdin.flush()
+    assert read_until(proc.stdout, b"got hello"), proc.stderr.read()
+    assert proc.wait(timeout=30) == 4

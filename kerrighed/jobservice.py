@@ -332,12 +332,17 @@ class JobService:
             return self.me
         if gpid in self.sessions:
             return self.sessions[gpid].node
-        for j in await self.listing():
-            if j["gpid"] == gpid:
-                if j["state"] == "lost":
-                    raise NodeStateError(f"job {gpid} is lost: node {j['node']} is gone")
-                return j["node"]
-        raise NoSuchJob(f"no job {gpid} in the cluster")
+        # A daemon that just started has not heard every node yet: give them a heartbeat or two.
+        settled = self.d.members.started + 2 * self.d.cfg.failure_timeout
+        while True:
+            for j in await self.listing():
+                if j["gpid"] == gpid:
+                    if j["state"] == "lost":
+                        raise NodeStateError(f"job {gpid} is lost: node {j['node']} is gone")
+                    return j["node"]
+            if time.monotonic() > settled:
+                raise NoSuchJob(f"no job {gpid} in the cluster")
+            await asyncio.sleep(self.d.cfg.heartbeat_interval)
 
     # -- Kerrighed capabilities ---------------------------------------------------------------------------
     # A job's capabilities live in its record; a local process's (the shell that ran `krgcapset`

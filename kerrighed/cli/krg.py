@@ -22,7 +22,7 @@ from kerrighed.cli import krg_run
 from kerrighed.cli._common import add_common_options, connect, print_json, run_main
 from kerrighed.client import find_socket
 from kerrighed.config import Home
-from kerrighed.errors import UsageError
+from kerrighed.errors import NotRunning, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +95,12 @@ def run(args) -> int:
         return 0
     if args.print_pid:
         print(started["gpid"], file=sys.stderr, flush=True)
-    return krg_run.stream(conn, use_tty)
+    while True:
+        try:
+            return krg_run.stream(conn, use_tty)
+        except NotRunning as e:
+            # Our daemon went away (a restart): the job runs on; take its stdio back.
+            conn = krg_run.reattach(Home.resolve(args.home), args.node, started["gpid"], e)
 
 
 def parse_signal(text: str | None) -> int:

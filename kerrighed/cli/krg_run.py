@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import termios
+import time
 import tty
 
 from kerrighed import protocol as p
@@ -123,12 +124,27 @@ def launch(path, argv: list[str], node: int | None, detach: bool, use_tty: bool)
     return conn, conn.wait_reply()
 
 
-def attach(path, gpid: int) -> tuple[Connection, dict]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(str(path))
-    conn = Connection(sock)
-    conn.send(p.AttachJob(gpid=gpid, window=WINDOW))
-    return conn, conn.wait_reply()
+REATTACH_TIMEOUT = 30.0
+
+
+def reattach(home, node: int | None, gpid: int, why: Exception) -> Connection:
+    """Connect again to our node's daemon and take job `gpid`'s stdio back (bounded wait)."""
+    from kerrighed.client import find_socket     # only on this rare path
+
+    deadline = time.monotonic() + REATTACH_TIMEOUT
+    while True:
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(find_socket(home, node)))
+            conn = Connection(sock)
+            conn.send(p.AttachJob(gpid=gpid, window=WINDOW))
+            conn.wait_reply()
+            return conn
+        except (OSError, NotRunning):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise NotRunning(f"{why}; job {gpid} may still run (see 'krg ps')") from None
+            time.sleep(0.2)
 
 
 def _winsize() -> tuple[int, int]:
