@@ -192,7 +192,11 @@ def stream(conn: Connection, use_tty: bool) -> int:
                 else:
                     stdin_open = False
             if conn.sock in ready or conn.early:
-                received, conn.early = conn.early + (conn.receive() if conn.sock in ready else []), []
+                # What came with the launch reply first: it may hold the job's end, and the
+                # socket then only has the daemon's hang-up left to say.
+                received, conn.early = conn.early, []
+                if not received:
+                    received = conn.receive()
                 for msg, payload in received:
                     if isinstance(msg, p.Output):
                         for data in payload:
@@ -222,10 +226,9 @@ def _on_signal(conn: Connection, sig: int, use_tty: bool) -> None:
         return
     conn.send(p.Signal(signal=sig))
     if sig == signal.SIGTSTP and not use_tty:
-        # Stop the job, then ourselves, as a local program would; SIGCONT resumes both.
-        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTSTP)
-        signal.signal(signal.SIGTSTP, lambda *_: None)
+        # Stop the job, then ourselves, as a local program would; SIGCONT resumes both. SIGSTOP,
+        # since the kernel discards SIGTSTP in an orphaned process group (scripts, CI).
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _write_all(fd: int, data: bytes) -> None:
