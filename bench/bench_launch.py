@@ -8,8 +8,10 @@ process. Measured, and what each figure is compared with:
      of kerrighed.cli.krg_run (send proc.run, read the ok, say io.eof as `krg run < /dev/null` does,
      answer io.output with io.credit until io.exit), the job placed on node 2 (cross-node) and on
      node 1 (local): their difference is the cost of crossing to another node;
-   - "command": the real `krg --home H run -n 2 /bin/true < /dev/null`, beside `krg --help` (the
-     interpreter's start and the command's imports, no daemon involved);
+   - "command": the real `krg --home H run -n 2 /bin/true < /dev/null`, beside the same command
+     with $KRG_SOCKET pointing nowhere (its start-up, imports and parsing, then a failed connect);
+   all of these and the two local baselines below are timed in turn, round after round, so that
+   other work on the machine weighs on each alike;
    baselines: fork+exec of /bin/true here (subprocess.run), os.posix_spawn + waitpid (a lower floor),
    and `ssh 127.0.0.1 true` when an sshd listens there with passwordless key authentication.
 2. Launch throughput: 2,000 /bin/true jobs (300 with --quick) through the API, 8 in flight from
@@ -39,10 +41,12 @@ process. Measured, and what each figure is compared with:
      see, stopping at the first size where the cluster misbehaves. This part runs last: it may
      break the cluster.
 
-Every process of the run is stopped at the end, checked with pgrep (the daemons and krg-init
-shepherds carry the temporary home in their command line, the sleeps a duration unique to the run).
+The machine's load average and the daemons of other clusters running beside ours are recorded:
+on a shared machine they weigh on every figure. Every process of the run is stopped at the end,
+checked with pgrep (the daemons and krg-init shepherds carry the temporary home in their command
+line, the sleeps a duration unique to the run); anything left makes the run fail.
 
-    .venv/bin/python bench/bench_launch.py [--out FILE] [--quick]
+    .venv/bin/python bench/bench_launch.py [--out FILE] [--quick]     # about 3 min on 2 CPUs, 1.5 quick
 """
 
 from __future__ import annotations
@@ -365,6 +369,7 @@ def ratio(a: float, b: float) -> float | None:
 
 def launch_latency(home: Home, count: int, results: dict, problems: list[str]) -> None:
     node1 = home.socket(1)
+    run_remote = ["--home", str(home.path), "--node", "1", "run", "-n", str(REMOTE), "/bin/true"]
 
     def api(node: int) -> Callable[[], None]:
         def call():
@@ -381,6 +386,14 @@ def launch_latency(home: Home, count: int, results: dict, problems: list[str]) -
                 raise RuntimeError(f"krg {' '.join(argv)}: exit status {r.returncode}: {r.stderr.strip()}")
         return call
 
+    def startup():
+        # The same command, its socket pointing nowhere: it starts, parses, fails to connect, exits.
+        r = subprocess.run([str(KRG), *run_remote], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, env={**CLEAN_ENV, "KRG_SOCKET": str(home.path / "nowhere.sock")},
+                           text=True, timeout=30)
+        if "cannot reach krgd" not in r.stderr:
+            raise RuntimeError(f"krg without a daemon: exit status {r.returncode}: {r.stderr.strip()}")
+
     def fork_exec():
         subprocess.run(TRUE, check=True, timeout=10)
 
@@ -395,12 +408,11 @@ def launch_latency(home: Home, count: int, results: dict, problems: list[str]) -
     samples = timed_interleaved({
         "launch_remote_api_ms": api(REMOTE),
         "launch_local_api_ms": api(1),
-        "launch_remote_command_ms": command("--home", str(home.path), "--node", "1", "run", "-n", str(REMOTE),
-                                            "/bin/true"),
+        "launch_remote_command_ms": command(*run_remote),
+        "command_startup_ms": startup,
         "local_fork_exec_ms": fork_exec,
         "local_posix_spawn_ms": posix_spawn,
     }, count, failures)
-    samples["command_startup_ms"] = timed_ms(command("--help"), max(10, count // 4), warmup=2)
     out = {name: summary(s) for name, s in samples.items()}
     reason = ssh_unavailable()
     if reason is None:
@@ -420,8 +432,9 @@ def launch_latency(home: Home, count: int, results: dict, problems: list[str]) -
         print(f"{name}: median {f['median']:.1f}, p99 {f['p99']:.1f} ({f['count']} launches); "
               f"local fork+exec median {base:.2f} -> ratio {ratio(f['median'], base):.1f}x{failed}")
     f = out["command_startup_ms"]
-    print(f"command_startup_ms (krg --help, no daemon): median {f['median']:.1f} ({f['count']} runs): "
-          f"{100 * f['median'] / out['launch_remote_command_ms']['median']:.0f}% of the command's launch")
+    print(f"command_startup_ms (the same krg run, KRG_SOCKET pointing nowhere): median {f['median']:.1f}, "
+          f"p99 {f['p99']:.1f}: {100 * f['median'] / out['launch_remote_command_ms']['median']:.0f}% of the "
+          f"command's launch")
     print(f"cross_node_cost_ms: {out['cross_node_cost_ms']:.1f} (remote minus local launch, API medians)")
     f = out["local_posix_spawn_ms"]
     print(f"local_posix_spawn_ms: median {f['median']:.2f}, p99 {f['p99']:.2f}; fork+exec median {base:.2f} "
@@ -923,10 +936,11 @@ def ps_real(home: Home, sizes: list[int], results: dict) -> None:
             print(f"ps_real: the cluster misbehaves with {launched} jobs on node {REMOTE}; stopping here")
             break
     results["ps_real"]["log_excerpt"] = excerpt = log_excerpt(home)
-    changes = sorted({line.split(" ", 2)[2] for lines in excerpt.values() for line in lines
-                      if "view epoch" in line and "epoch 1 " not in line})
-    for line in changes:
-        print(f"ps_real: membership change logged: {line}")
+    for n, lines in excerpt.items():
+        for line in lines:
+            if "view epoch" in line and "epoch 1 " not in line:
+                when, what = line.split(" ", 2)[1], line.split(" INFO ", 1)[-1]
+                print(f"ps_real: node {n} logged at {when}: {what}")
 
 
 def log_excerpt(home: Home, lines: int = 12, everything: bool = False) -> dict[str, list[str]]:

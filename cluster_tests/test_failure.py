@@ -25,12 +25,12 @@ def test_a_killed_node_leaves_the_cluster_and_comes_back(cluster):
     assert "no longer present" not in cluster.log(2).replace("node 3 is no longer present", "")
 
     cluster.start(3)
-    wait_for(lambda: cluster.states(1)[3] == "present", what="the restarted node 3 to be present")
-    assert cluster.states(3)[3] == "present"      # it knows it is not a member
+    # It crashed out of the cluster, so it asks to come back by itself; an administrator's
+    # add may race that request, and both must end in the same view.
     cluster.krgadm("nodes", "add", "-n", "3")
     for n in (1, 2, 3):
-        assert cluster.online(n) == {1, 2, 3}
-    assert cluster.call(3, p.ClusterStatus())["epoch"] == epoch + 2
+        wait_for(lambda: cluster.online(n) == {1, 2, 3}, what=f"node {n} to see node 3 back")
+    assert cluster.call(3, p.ClusterStatus())["epoch"] >= epoch + 2
 
 
 def test_a_daemon_restarted_before_anyone_noticed_is_not_taken_for_its_old_self(cluster):

@@ -240,9 +240,12 @@ def test_jobs_on_a_dead_node_are_lost_not_hanging(cluster, popen_krg):
                  if any(f"{cluster.home.path}/nodes/3/" in a for a in p.info["cmdline"] or [])]
     cluster.kill(3)
     for sh in shepherds:
-        for child in sh.children(recursive=True):
-            child.kill()
-        sh.kill()
+        try:
+            for child in sh.children(recursive=True):
+                child.kill()
+            sh.kill()
+        except psutil.NoSuchProcess:
+            pass
     assert attached.wait(timeout=20) == 255
     err = attached.stderr.read()
     assert b"lost" in err and b"node 3 died" in err
