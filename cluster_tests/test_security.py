@@ -12,7 +12,6 @@ from kerrighed import localcluster
 from kerrighed import protocol as p
 from kerrighed.cli import krgadm
 from kerrighed.client import Client
-from kerrighed.config import Home
 from kerrighed.errors import PermissionDenied
 
 from conftest import NOBODY, run_as, wait_for

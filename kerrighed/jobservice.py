@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from kerrighed import protocol as p
 from kerrighed.caps import Capabilities
 from kerrighed.errors import JobLost, KrgError, NodeStateError, NoSuchJob, PermissionDenied, UsageError
-from kerrighed.ids import gpid_node, make_gpid
+from kerrighed.ids import make_gpid
 from kerrighed.jobs import HostedJob, JobRecord, Shepherd, load_record, spawn
 from kerrighed.localsock import Caller, read_frames
 

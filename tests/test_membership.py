@@ -3,7 +3,7 @@
 import pytest
 
 from kerrighed.membership import (
-    ONLINE, POSSIBLE, PRESENT, Broadcast, Membership, PeerDown, PeerRestarted, PeerUp, View, ViewChanged,
+    ONLINE, POSSIBLE, PRESENT, Broadcast, Membership, PeerDown, PeerRestarted, View, ViewChanged,
 )
 
 T = 1.5     # failure timeout
