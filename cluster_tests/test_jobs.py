@@ -288,6 +288,11 @@ def test_an_interactive_program_gets_a_terminal(cluster):
         os.write(master, b"test -t 0 && echo IS-A-TTY; stty size\r")
         read_for(b"31 101")
         assert b"IS-A-TTY" in out
+        # The terminal is resized: the job's terminal follows.
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 132, 0, 0))
+        proc.send_signal(signal.SIGWINCH)       # what the kernel does for a controlling terminal
+        os.write(master, b"stty size\r")
+        read_for(b"40 132")
         os.write(master, b"exit 5\r")
         assert proc.wait(timeout=20) == 5
     finally:
