@@ -204,7 +204,7 @@ def _opts(rpc, images_fd: int, log_name: str, work_fd: int | None = None):
 
 def _run(what: str, req_type: str, opts_of, images_dir, log_name: str, *,
          work_dir=None, fds: Iterable[int] = (), timeout: float | None = None):
-    """Open the directories, run criu swrk with the request opts_of(rpc, opts) fills in, and
+    """Open the directories, run criu swrk with the request whose options opts_of(opts) fills in, and
     return the answer; a failure raises CriuError with CRIU's first error and its log."""
     log_path = Path(work_dir if work_dir is not None else images_dir, log_name)
     fd = _open_dir(images_dir)
@@ -283,6 +283,24 @@ def _dump_opts(o, pid: int, images_dir, parent_dir) -> None:
         o.parent_img = os.path.relpath(os.path.realpath(parent_dir), os.path.realpath(images_dir))
 
 
+def _run_dump(what, pid, req_type, fill, images_dir, log_name, timeout) -> None:
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        cwd = None
+    try:
+        _run(what, req_type, fill, images_dir, log_name, timeout=timeout)
+    except CriuError as e:
+        # The dump of a PID namespace's init: CRIU's parasite mkdir()s `proc.crtools` in that
+        # process's cwd to mount a /proc of the namespace there. Name the place.
+        if "Can't create a directory" in str(e) and cwd:
+            head, sep, tail = str(e).partition(" (log: ")
+            hint = (f": mkdir {os.path.join(cwd, 'proc.crtools')} (the cwd of the tree's root) "
+                    "failed: read-only, or used by another dump at the same time")
+            raise CriuError(head + hint + sep + tail, e.log) from None
+        raise
+
+
 def dump(pid: int, images_dir: str | os.PathLike, *, leave_running: bool = False,
          parent_dir: str | os.PathLike | None = None, track_mem: bool = False,
          shell_job: bool = False, external: Iterable[str] = (), log_name: str = "dump.log",
@@ -307,7 +325,7 @@ def dump(pid: int, images_dir: str | os.PathLike, *, leave_running: bool = False
             o.shell_job = True
         o.external.extend(external)
 
-    _run(f"dump of pid {pid}", "DUMP", fill, images_dir, log_name, timeout=timeout)
+    _run_dump(f"dump of pid {pid}", pid, "DUMP", fill, images_dir, log_name, timeout)
     return dump_stats(images_dir)
 
 
@@ -324,7 +342,7 @@ def pre_dump(pid: int, images_dir: str | os.PathLike, *,
         _dump_opts(o, pid, images_dir, parent_dir)
         o.track_mem = True  # CRIU enforces it for a pre-dump anyway
 
-    _run(f"pre-dump of pid {pid}", "PRE_DUMP", fill, images_dir, log_name, timeout=timeout)
+    _run_dump(f"pre-dump of pid {pid}", pid, "PRE_DUMP", fill, images_dir, log_name, timeout)
     return dump_stats(images_dir)
 
 

@@ -53,7 +53,7 @@ class Client:
         self._rids += 1
         try:
             self._sock.sendall(protocol.pack_stream(protocol.encode(msg, self._rids)))
-            reply, rid, _ = protocol.decode(self._read_frames())
+            reply, rid, _ = protocol.decode(self._read_frames(), max_body=protocol.MAX_FRAME)
         except (ConnectionError, BrokenPipeError) as e:
             raise NotRunning(f"krgd at {self.path} closed the connection ({e.strerror or e})") from None
         except socket.timeout:

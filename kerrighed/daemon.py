@@ -22,7 +22,7 @@ from pathlib import Path
 from kerrighed import membership as mb
 from kerrighed import protocol as p
 from kerrighed.config import Home, atomic_write
-from kerrighed.errors import ConfigError, KrgError, NodeStateError, PermissionDenied, Timeout
+from kerrighed.errors import ConfigError, KrgError, NodeDown, NodeStateError, PermissionDenied, Timeout
 from kerrighed.jobservice import JobService
 from kerrighed.localsock import Caller, LocalServer
 from kerrighed.stats import node_stats
@@ -140,6 +140,7 @@ class Daemon:
             p.JobWinsize: self.jobs.handle_job_winsize,
             p.JobOutput: self.jobs.handle_job_output,
             p.JobExit: self.jobs.handle_job_exit,
+            p.JobEvent: self.jobs.handle_job_event,
         }
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -216,6 +217,19 @@ class Daemon:
                         fut.set_result(a.node)
         if actions:
             self.changed.set()
+
+    async def request_unless_down(self, node: int, msg: p.Message, timeout: float | None) -> object:
+        """A request to `node` that gives up (NodeDown) as soon as the node is seen dead."""
+        down = self.node_down_future(node)
+        asking = asyncio.ensure_future(self.transport.request(node, msg, timeout=timeout))
+        try:
+            await asyncio.wait({asking, down}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            down.cancel()
+        if not asking.done():
+            asking.cancel()
+            raise NodeDown(f"node {node} died before answering {msg.op}")
+        return asking.result()
 
     def node_down_future(self, node: int) -> asyncio.Future:
         """A future resolved when `node` is seen dead (silent past the failure timeout)."""

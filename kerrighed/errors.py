@@ -77,6 +77,10 @@ class Unreachable(KrgError):
     """A node did not answer in time."""
 
 
+class NodeDown(Unreachable):
+    """The node died while we waited for its answer."""
+
+
 class Timeout(KrgError):
     """A wait for a cluster condition ran out."""
 

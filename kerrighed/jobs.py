@@ -362,22 +362,34 @@ class HostedJob:
     def save(self) -> None:
         atomic_write(self.job_dir / "job.msgpack", msgpack.packb(self.record.to_dict()), mode=0o600)
 
-    def stats(self) -> dict:
-        """Figures for `krg ps`: the whole tree's CPU time and RSS, and the program's state."""
-        procs = self.processes()
+
+
+def tree_stats(inits: list[int]) -> dict[int, dict]:
+    """Figures for `krg ps`, for many jobs in one pass over /proc (not one pass per job): each
+    job's CPU time and RSS summed over its tree, and its program's state. Keyed by init pid."""
+    children: dict[int, list[int]] = {}
+    info: dict[int, dict] = {}
+    for proc in psutil.process_iter(["ppid", "status", "cpu_times", "memory_info"]):
+        info[proc.pid] = proc.info
+        children.setdefault(proc.info["ppid"], []).append(proc.pid)
+    out = {}
+    for init in inits:
         cpu = rss = 0.0
-        for p in procs[1:]:
-            try:
-                t = p.cpu_times()
-                cpu += t.user + t.system
-                rss += p.memory_info().rss
-            except psutil.Error:
-                pass
-        try:
-            state = procs[1].status() if len(procs) > 1 else "exited"
-        except psutil.Error:
-            state = "exited"
-        return {"cpu_time": cpu, "rss": int(rss), "state": state, "nprocs": max(0, len(procs) - 1)}
+        tree, todo = [], list(children.get(init, ()))
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo += children.get(pid, ())
+        for pid in tree:
+            i = info[pid]
+            if i["cpu_times"] is not None:
+                cpu += i["cpu_times"].user + i["cpu_times"].system
+            if i["memory_info"] is not None:
+                rss += i["memory_info"].rss
+        program = min(children.get(init, ()), default=None)      # the init's first child
+        state = info[program]["status"] if program is not None else "exited"
+        out[init] = {"cpu_time": cpu, "rss": int(rss), "state": state, "nprocs": len(tree)}
+    return out
 
 
 def _kill(pid: int | None, sig: int) -> None:

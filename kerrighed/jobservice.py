@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 from kerrighed import protocol as p
 from kerrighed.caps import Capabilities
-from kerrighed.errors import JobLost, KrgError, NodeStateError, NoSuchJob, PermissionDenied, UsageError
+from kerrighed.errors import JobLost, KrgError, NodeDown, NodeStateError, NoSuchJob, PermissionDenied, UsageError
 from kerrighed.ids import make_gpid
-from kerrighed.jobs import HostedJob, JobRecord, Shepherd, load_record, spawn
+from kerrighed.jobs import HostedJob, JobRecord, Shepherd, load_record, spawn, tree_stats
 from kerrighed.localsock import Caller, read_frames
 
 if TYPE_CHECKING:
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 LOCAL_BITS = 21
 FINISHED_TTL = 600.0            # how long an ended job's status waits for `krg wait`
-LIST_TIMEOUT = 3.0
+LIST_TIMEOUT = 10.0
+REFRESH_INTERVAL = 1.0          # seconds between two re-reads of one node's job list
 
 
 class GpidAllocator:
@@ -80,6 +81,7 @@ class JobService:
         self.version = 0                     # bumped when a job starts or ends here
         self._seen: dict[int, int] = {}      # node -> version of its list we hold
         self._refreshing: set[int] = set()
+        self._last_refresh: dict[int, float] = {}
         self.proc_caps: dict[tuple[int, int], Capabilities] = {}
 
     # -- start-up: adopt the jobs a previous daemon left running ---------------------------------------
@@ -101,7 +103,7 @@ class JobService:
                 continue
             record.host_pid = shepherd.host_pid
             self.hosted[record.gpid] = HostedJob(record, shepherd, job_dir, self._job_done)
-            self._changed()
+            self._changed(record.gpid)
             log.info("adopted job %d (%s)", record.gpid, record.argv[0])
 
     # -- launching ---------------------------------------------------------------------------------------
@@ -166,16 +168,16 @@ class JobService:
         job = HostedJob(record, shepherd, job_dir, self._job_done, sink=sink, credit=window)
         job.save()
         self.hosted[record.gpid] = job
-        self._changed()
+        self._changed(record.gpid)
         return job
 
     def _job_done(self, job: HostedJob) -> None:
         self.hosted.pop(job.gpid, None)
-        self._changed()
         if job.record.detach or job.sink is None:
             self.finished[job.gpid] = (job.record, time.monotonic())     # someone may `krg wait`
         else:
             _remove_dir(job.job_dir)
+        self._changed(job.gpid)
 
     # -- node to node: the host side ---------------------------------------------------------------------
 
@@ -215,7 +217,7 @@ class JobService:
         return p.Ok()
 
     async def handle_job_list(self, node: int, msg: p.JobList, payload):
-        return p.Ok(result={"jobs": self.local_listing(msg.uid)})
+        return p.Ok(result={"jobs": await self.local_listing(msg.uid)})
 
     async def handle_job_wait(self, node: int, msg: p.JobWait, payload):
         return p.Ok(result={"status": await self.wait_local(msg.gpid)})
@@ -269,6 +271,12 @@ class JobService:
 
     async def _refresh(self, node: int, version: int) -> None:
         try:
+            # At most one re-read per node per REFRESH_INTERVAL: a burst of launches there must
+            # not turn into a burst of full listings here.
+            wait = self._last_refresh.get(node, 0.0) + REFRESH_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._last_refresh[node] = time.monotonic()
             jobs = (await self.d.transport.request(node, p.JobList(), timeout=LIST_TIMEOUT))["jobs"]
             self._remember(node, jobs)
             self._seen[node] = version
@@ -281,16 +289,43 @@ class JobService:
         self.known = {g: e for g, e in self.known.items() if e["node"] != node}
         self.known.update((j["gpid"], j) for j in jobs if j["node"] == node)
 
-    def _changed(self) -> None:
+    def _changed(self, gpid: int) -> None:
+        """A job started or ended here: tell every node at once (a small delta, in version order);
+        a node that missed one re-reads the whole list."""
         self.version += 1
+        event = p.JobEvent(version=self.version, gpid=gpid, entry=self._summary(gpid))
+        now = time.monotonic()
+        for node in self.d.cfg.nodes:
+            if node != self.me and self.d.members.is_present(node, now):
+                self.d.transport.send(node, event)
+
+    def _summary(self, gpid: int) -> dict | None:
+        """What other nodes keep of a job of ours: enough to list it, as lost if we die."""
+        if gpid in self.hosted:
+            record, state = self.hosted[gpid].record, "running"
+        elif gpid in self.finished and self.finished[gpid][0].detach:
+            record, state = self.finished[gpid][0], "exited"
+        else:
+            return None
+        return {**_entry(record), "state": state, "cpu_time": 0.0, "rss": 0, "nprocs": 0}
+
+    async def handle_job_event(self, node: int, msg: p.JobEvent, payload):
+        if self._seen.get(node) != msg.version - 1:
+            self.peer_version(node, msg.version)        # we missed one: read the whole list
+            return
+        self._seen[node] = msg.version
+        if msg.entry is None:
+            self.known.pop(msg.gpid, None)
+        else:
+            self.known[msg.gpid] = {**msg.entry, "node": node}
 
     # -- listing ----------------------------------------------------------------------------------
 
-    def local_listing(self, uid: int | None = None) -> list[dict]:
-        out = []
-        for job in self.hosted.values():
-            if uid is None or job.record.uid == uid:
-                out.append({**_entry(job.record), **job.stats()})
+    async def local_listing(self, uid: int | None = None) -> list[dict]:
+        jobs = [j for j in self.hosted.values() if uid is None or j.record.uid == uid]
+        # Reading /proc takes a while with many processes: not on the event loop.
+        stats = await asyncio.to_thread(tree_stats, [j.record.host_pid for j in jobs]) if jobs else {}
+        out = [{**_entry(j.record), **stats[j.record.host_pid]} for j in jobs]
         for record, _ in self.finished.values():
             if record.detach and (uid is None or record.uid == uid):
                 out.append({**_entry(record), "state": "exited", "cpu_time": 0.0, "rss": 0, "nprocs": 0})
@@ -324,8 +359,8 @@ class JobService:
 
     async def _list_node(self, node: int, uid: int | None) -> list[dict]:
         if node == self.me:
-            return self.local_listing(uid)
-        return (await self.d.transport.request(node, p.JobList(uid=uid), timeout=LIST_TIMEOUT))["jobs"]
+            return await self.local_listing(uid)
+        return (await self.d.request_unless_down(node, p.JobList(uid=uid), timeout=LIST_TIMEOUT))["jobs"]
 
     async def locate(self, gpid: int) -> int:
         if gpid in self.hosted or gpid in self.finished:
@@ -427,19 +462,16 @@ class JobService:
         node = await self.locate(msg.gpid)
         if node == self.me:
             return {"status": await self.wait_local(msg.gpid)}
-        lost = self.d.node_down_future(node)
-        waiting = asyncio.ensure_future(self.d.transport.request(node, p.JobWait(gpid=msg.gpid), timeout=None))
-        done, _ = await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
-        if waiting not in done:
-            waiting.cancel()
-            raise JobLost(f"job {msg.gpid} is lost: node {node} died")
-        return waiting.result()
+        try:
+            return await self.d.request_unless_down(node, p.JobWait(gpid=msg.gpid), timeout=None)
+        except NodeDown:
+            raise JobLost(f"job {msg.gpid} is lost: node {node} died") from None
 
     async def wait_local(self, gpid: int) -> dict:
         if gpid in self.finished:
             record, _ = self.finished.pop(gpid)
             _remove_dir(self.jobs_dir / str(gpid))
-            self._changed()
+            self._changed(gpid)
             return record.status
         job = self._hosted(gpid)
         fut = asyncio.get_running_loop().create_future()
@@ -448,7 +480,7 @@ class JobService:
         if gpid in self.finished:
             self.finished.pop(gpid)
             _remove_dir(self.jobs_dir / str(gpid))
-            self._changed()
+            self._changed(gpid)
         return status
 
     async def end_all(self, timeout: float = 10.0) -> None:
@@ -474,7 +506,7 @@ class JobService:
             if ended < cutoff:
                 del self.finished[gpid]
                 _remove_dir(self.jobs_dir / str(gpid))
-                self._changed()
+                self._changed(gpid)
 
     async def handle_attach(self, caller: Caller, msg: p.AttachJob, reader, writer) -> None:
         """proc.attach: a command takes the stdio of a job it launched back (after a daemon restart)."""

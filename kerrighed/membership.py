@@ -93,6 +93,7 @@ class Membership:
     last_seen: dict[int, float] = field(default_factory=dict)
     incarnations: dict[int, int] = field(default_factory=dict)
     _reported_present: set[int] = field(default_factory=set)
+    _last_tick: float | None = None
 
     def __post_init__(self):
         self.incarnations[self.me] = self.incarnation
@@ -164,6 +165,11 @@ class Membership:
 
     def tick(self, now: float) -> list[object]:
         """Periodic: notice silent peers; the coordinator drops dead or restarted members."""
+        if self._last_tick is not None and now - self._last_tick > self.timeout / 2:
+            # We ourselves were stalled (a long pause, a frozen process): the silence we see is
+            # ours. Judge nobody until peers have had a timeout to be heard again.
+            self.started = now
+        self._last_tick = now
         actions: list[object] = []
         for node in sorted(self._reported_present):
             if not self.is_present(node, now):
@@ -171,9 +177,15 @@ class Membership:
                 actions.append(PeerDown(node))
         if self.coordinator(now) == self.me:
             dead = {n for n in self.view.nodes if self.is_dead(n, now)}
-            if dead:
+            if dead and self.has_quorum(self.view.nodes - dead):
                 actions += self.propose(now, remove=dead)
         return actions
+
+    def has_quorum(self, alive: frozenset[int]) -> bool:
+        """May the members in `alive` drop the others? Only a majority of the view may, or exactly
+        half if it holds the lowest id: two halves of a partition never both go on alone."""
+        n = len(self.view.nodes)
+        return 2 * len(alive) > n or (2 * len(alive) == n and min(self.view.nodes) in alive)
 
     def propose(self, now: float, add: Iterable[int] = (), remove: Iterable[int] = ()) -> list[object]:
         """A new view: the current one plus `add` (at their current incarnations) minus `remove`.

@@ -107,8 +107,11 @@ def encode(msg: Message, rid: int = 0, payload: list[bytes] = ()) -> list[bytes]
     return [bytes([VERSION]), msg.op.encode("ascii"), _RID.pack(rid), body, *payload]
 
 
-def decode(frames: list[bytes]) -> tuple[Message, int, list[bytes]]:
-    """Frames -> (message, rid, payload). Raises ProtocolError on anything malformed."""
+def decode(frames: list[bytes], max_body: int = MAX_BODY) -> tuple[Message, int, list[bytes]]:
+    """Frames -> (message, rid, payload). Raises ProtocolError on anything malformed.
+
+    Requests from others are held to MAX_BODY; a reply we asked for (a listing of 100,000 jobs)
+    may be as large as a frame."""
     if len(frames) < 4:
         raise ProtocolError(f"truncated message: {len(frames)} frames, need at least 4")
     version, op_raw, rid_raw, body_raw, *payload = (bytes(f) for f in frames)
@@ -126,8 +129,8 @@ def decode(frames: list[bytes]) -> tuple[Message, int, list[bytes]]:
     if len(rid_raw) != _RID.size:
         raise ProtocolError("malformed request id")
     (rid,) = _RID.unpack(rid_raw)
-    if len(body_raw) > MAX_BODY:
-        raise ProtocolError(f"{op} body of {len(body_raw)} bytes exceeds {MAX_BODY}")
+    if len(body_raw) > max_body:
+        raise ProtocolError(f"{op} body of {len(body_raw)} bytes exceeds {max_body}")
     try:
         body = msgpack.unpackb(body_raw, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises a zoo of types for bad input
@@ -492,6 +495,15 @@ class JobCaps(Message):
     gpid: int
     uid: int                          # who asks: the hosting node checks ownership
     changes: list[list[str]] | None = None
+
+
+@message("job.event")
+class JobEvent(Message):
+    """A job started or ended on the sending node; `entry` is its listing entry, None once gone."""
+
+    version: int
+    gpid: int
+    entry: dict[str, Any] | None = None
 
 
 @message("job.wait")

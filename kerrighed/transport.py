@@ -141,7 +141,7 @@ class Transport:
         while True:
             frames = await sock.recv_multipart()
             try:
-                reply, rid, _ = protocol.decode(frames)
+                reply, rid, _ = protocol.decode(frames, max_body=protocol.MAX_FRAME)
             except ProtocolError as e:
                 log.warning("bad reply from node %d: %s", node, e)
                 continue

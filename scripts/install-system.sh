@@ -9,6 +9,8 @@ CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
 PREFIX=/usr/local
 PYCRIU_DIR=$PREFIX/share/kerrighed/pycriu     # pure-Python bindings, copied into each venv
 CACHE=/var/cache/kerrighed
+PATCHES=$(cd "$(dirname "$0")" && pwd)/criu-patches
+STAMP=$PREFIX/share/kerrighed/criu.stamp          # which patches the installed build carries
 
 # Everything Debian 12 and 13 both ship. The CRIU build deps are needed on 12 only, but they are
 # also what pycriu needs at run time (protobuf), so one list serves both.
@@ -16,7 +18,7 @@ APT_PACKAGES=(
   build-essential pkg-config fuse3 libfuse3-dev libffi-dev python3-venv xz-utils ca-certificates
   protobuf-c-compiler libprotobuf-c-dev libprotobuf-dev protobuf-compiler libnl-3-dev libnet1-dev
   libcap-dev libbsd-dev libgnutls28-dev python3-protobuf libnftables-dev uuid-dev libdrm-dev
-  iproute2 procps util-linux
+  iproute2 procps util-linux patch
 )
 
 log() { printf 'install-system: %s\n' "$*" >&2; }
@@ -45,12 +47,22 @@ criu_ok() {
   "$bin" --version 2>/dev/null | grep -q "Version: 4\." && [ -f "$PYCRIU_DIR/criu.py" ]
 }
 
-if criu_ok; then
+patches_id() { cat "$PATCHES"/*.patch | sha256sum | cut -d' ' -f1; }
+
+# Without CAP_SYS_RESOURCE (some containers drop it even for root), stock CRIU cannot read the
+# resource limits of another user's process, so it cannot dump users' jobs: our patched build can.
+lacks_sys_resource() {
+  local eff
+  eff=$(awk '/^CapEff:/ {print $2}' /proc/self/status)
+  (( (16#$eff >> 24 & 1) == 0 ))
+}
+
+if criu_ok && { ! lacks_sys_resource || [ "$(cat "$STAMP" 2>/dev/null)" = "$(patches_id)" ]; }; then
   log "criu $(criu --version | head -1 | awk '{print $2}') and pycriu already installed"
   exit 0
 fi
 
-if [ "${VERSION_ID:-}" != "12" ] && apt-cache policy criu 2>/dev/null | grep -q "Candidate: 4\."; then
+if [ "${VERSION_ID:-}" != "12" ] && ! lacks_sys_resource && apt-cache policy criu 2>/dev/null | grep -q "Candidate: 4\."; then
   # Debian 13 and later ship a working CRIU 4.x.
   log "installing criu from Debian packages"
   apt_update
@@ -87,10 +99,15 @@ if ! echo "$CRIU_SHA256  $tarball" | sha256sum -c --status 2>/dev/null; then
 fi
 
 build=$CACHE/criu-$CRIU_VERSION
-if [ ! -x "$build/criu/criu" ] || [ ! -f "$build/lib/pycriu/rpc_pb2.py" ]; then
+if [ ! -x "$build/criu/criu" ] || [ ! -f "$build/lib/pycriu/rpc_pb2.py" ] || \
+   [ "$(cat "$build/.patches" 2>/dev/null)" != "$(patches_id)" ]; then
   log "building criu $CRIU_VERSION (about a minute)"
   rm -rf "$build"
   tar -C "$CACHE" -xf "$tarball"
+  for patch in "$PATCHES"/*.patch; do
+    patch -d "$build" -p1 --quiet < "$patch" || { log "cannot apply $patch"; exit 1; }
+  done
+  patches_id > "$build/.patches"
   make -C "$build" -j"$(nproc)" criu >"$CACHE/criu-build.log" 2>&1 || { tail -20 "$CACHE/criu-build.log"; exit 1; }
   make -C "$build" lib >>"$CACHE/criu-build.log" 2>&1 || { tail -20 "$CACHE/criu-build.log"; exit 1; }
 fi
@@ -100,4 +117,5 @@ rm -rf "$PYCRIU_DIR"
 cp -r "$build/lib/pycriu" "$PYCRIU_DIR"
 find "$PYCRIU_DIR" -name '__pycache__' -prune -exec rm -rf {} +
 criu_ok || { log "criu still not usable after the build"; exit 1; }
+patches_id > "$STAMP"
 log "criu $CRIU_VERSION installed at $PREFIX/sbin/criu"

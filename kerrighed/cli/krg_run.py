@@ -67,7 +67,7 @@ class Connection:
             if frames is None:
                 return out
             del self.buf[:used]
-            msg, _, payload = p.decode(frames)
+            msg, _, payload = p.decode(frames, max_body=p.MAX_FRAME)
             out.append((msg, payload))
 
     def wait_reply(self) -> object:
