@@ -15,6 +15,20 @@
  *                       stdin's write end, stdout's and stderr's read ends (pipes) or the pty master
  *   shepherd -> client  "exit code X" or "exit signal N", once the job has ended
  *   client -> shepherd  "eof": close our copy of stdin's write end; "ack": exit status received
+ *
+ * --restore (krg-init --ctl PATH [--pty --rows R --cols C] --restore -- RESTORER [ARG...]): a job
+ * dumped by CRIU elsewhere comes back under this shepherd, which then owns it as if it had started
+ * it (same protocol, C1 = the restored init). Instead of unshare + fork C1, the shepherd becomes a
+ * child subreaper and runs RESTORER (root, krg-init's own environment) with
+ *   0 /dev/null, 1 a pipe for its one-line answer, 2 the shepherd's stderr,
+ *   pipes: 3 stdin's read end, 4 stdout's and 5 stderr's write ends, 6 the status pipe's write
+ *          end, 7 stdin's write end (for the bytes CRIU saved from the old stdin);
+ *   pty:   3 the pty slave, 6 the status pipe's write end.
+ * RESTORER answers "restored PID" (the restored init, its pid here) or "error MESSAGE", and exits.
+ * The restored init must then be the shepherd's child (CRIU's sibling restore makes it the
+ * restorer's child, and the restorer's exit hands it to us, the subreaper); any other orphan we
+ * get is reaped and ignored. The launcher exits 0 once the job is ours, else 1 with
+ * "krg-init: restore failed: MESSAGE". checkpoint/restorer.py is the RESTORER krgd uses.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -45,13 +59,13 @@ struct opts {
 	const char *ctl, *cwd;
 	bool pty, pidns;
 	unsigned short rows, cols;
-	bool set_uid, set_gid, set_groups, set_umask, env_stdin;
+	bool set_uid, set_gid, set_groups, set_umask, env_stdin, restore;
 	uid_t uid;
 	gid_t gid;
 	mode_t mask;
 	gid_t *groups;
 	size_t ngroups;
-	char **argv;
+	char **argv; /* PROGRAM, or with --restore the RESTORER */
 	char **env; /* --env-stdin: PROGRAM's environment; NULL: ours */
 };
 
@@ -161,7 +175,10 @@ static char **read_env(void)
 	return env;
 }
 
-enum { O_CTL = 256, O_PTY, O_ROWS, O_COLS, O_UID, O_GID, O_GROUPS, O_UMASK, O_CWD, O_NOPIDNS, O_ENV };
+enum {
+	O_CTL = 256, O_PTY, O_ROWS, O_COLS, O_UID, O_GID, O_GROUPS, O_UMASK, O_CWD, O_NOPIDNS, O_ENV,
+	O_RESTORE,
+};
 
 static void parse_args(struct opts *o, int argc, char **argv)
 {
@@ -171,7 +188,8 @@ static void parse_args(struct opts *o, int argc, char **argv)
 		{ "uid", required_argument, 0, O_UID },       { "gid", required_argument, 0, O_GID },
 		{ "groups", required_argument, 0, O_GROUPS }, { "umask", required_argument, 0, O_UMASK },
 		{ "cwd", required_argument, 0, O_CWD },       { "no-pidns", no_argument, 0, O_NOPIDNS },
-		{ "env-stdin", no_argument, 0, O_ENV },       { 0, 0, 0, 0 },
+		{ "env-stdin", no_argument, 0, O_ENV },       { "restore", no_argument, 0, O_RESTORE },
+		{ 0, 0, 0, 0 },
 	};
 	*o = (struct opts){ .pidns = true, .rows = 24, .cols = 80 };
 	opterr = 0; /* getopt would name argv[0], which may be a long path */
@@ -190,6 +208,7 @@ static void parse_args(struct opts *o, int argc, char **argv)
 		case O_CWD: o->cwd = optarg; break;
 		case O_NOPIDNS: o->pidns = false; break;
 		case O_ENV: o->env_stdin = true; break;
+		case O_RESTORE: o->restore = true; break;
 		default: usage_error("bad option '%s' (unknown, or missing its value)", argv[optind - 1]);
 		}
 	}
@@ -200,6 +219,14 @@ static void parse_args(struct opts *o, int argc, char **argv)
 	if (optind >= argc)
 		usage_error("no PROGRAM given (usage: krg-init --ctl PATH [options] -- PROGRAM [ARG...])");
 	o->argv = argv + optind;
+	/* A restored job keeps the credentials, cwd, environment and namespace it was dumped with.
+	 * And the restorer runs as root: it must never get a user's environment (LD_PRELOAD...). */
+	const char *moot = !o->restore ? NULL
+			   : o->set_uid ? "--uid" : o->set_gid ? "--gid" : o->set_groups ? "--groups"
+			   : o->set_umask ? "--umask" : o->cwd ? "--cwd" : !o->pidns ? "--no-pidns"
+			   : o->env_stdin ? "--env-stdin" : NULL;
+	if (moot)
+		usage_error("%s cannot be used with --restore (the restored job keeps what was dumped)", moot);
 	if (o->env_stdin) /* only once the arguments are known good */
 		o->env = read_env();
 }
@@ -388,13 +415,18 @@ static void forward(int sig)
 	errno = saved;
 }
 
-static void close_other_fds(void)
+static void close_fds_from(int first)
 {
-	if (close_range(STATUS_FD + 1, ~0U, 0) == 0)
+	if (close_range((unsigned)first, ~0U, 0) == 0)
 		return;
 	long max = sysconf(_SC_OPEN_MAX); /* kernels before 5.9 */
-	for (long fd = STATUS_FD + 1; fd < (max > 0 ? max : 1024); fd++)
+	for (long fd = first; fd < (max > 0 ? max : 1024); fd++)
 		close((int)fd);
+}
+
+static void close_other_fds(void)
+{
+	close_fds_from(STATUS_FD + 1);
 }
 
 static void take_stdio(const struct opts *o, const struct stdio *s, int status_fd)
@@ -647,6 +679,147 @@ static _Noreturn void shepherd_fail(int ready, const char *what)
 	_exit(1);
 }
 
+/* ---- shepherd: --restore ------------------------------------------------------------------ */
+
+/* The restorer's fds (see the header); R_NFDS and above are closed. */
+enum { R_RESULT = 1, R_STDIN = 3, R_STDOUT, R_STDERR, R_STATUS, R_STDIN_W, R_NFDS };
+
+/* In the restorer before exec: its failures are its answer, on the result pipe. */
+static _Noreturn void restorer_fail(int fd, const char *what, int err)
+{
+	dprintf(fd, "error %s: %s\n", what, strerror(err));
+	_exit(127);
+}
+
+static _Noreturn void run_restorer(const struct opts *o, const struct stdio *s, int status_w,
+				   int result_w)
+{
+	int src[R_NFDS];
+	for (int i = 0; i < R_NFDS; i++)
+		src[i] = -1;
+	src[0] = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	if (src[0] < 0)
+		restorer_fail(result_w, "cannot open /dev/null", errno);
+	src[R_RESULT] = result_w;
+	src[2] = 2;
+	src[R_STDIN] = s->job[0]; /* the pty slave with --pty */
+	src[R_STATUS] = status_w;
+	if (!o->pty) {
+		src[R_STDOUT] = s->job[1];
+		src[R_STDERR] = s->job[2];
+		src[R_STDIN_W] = s->ours[0];
+	}
+	/* First every source above the targets, so that no dup2() clobbers one still needed. */
+	for (int i = 0; i < R_NFDS; i++)
+		if (src[i] >= 0 && (src[i] = fcntl(src[i], F_DUPFD_CLOEXEC, R_NFDS)) < 0)
+			restorer_fail(result_w, "dup", errno);
+	/* result_w itself may be overwritten now: its dup (>= R_NFDS) is not. */
+	for (int i = 0; i < R_NFDS; i++) {
+		if (src[i] >= 0 ? dup2(src[i], i) < 0 : close(i) < 0 && errno != EBADF)
+			restorer_fail(src[R_RESULT], "dup2", errno);
+	}
+	close_fds_from(R_NFDS); /* the dups, the originals, the control socket, ... */
+	reset_signals();
+	execvp(o->argv[0], o->argv);
+	char what[300];
+	snprintf(what, sizeof what, "cannot run %s", o->argv[0]);
+	restorer_fail(R_RESULT, what, errno);
+}
+
+/* Printable and short: it becomes one line of the launcher's stderr. */
+static void clean_line(char *dst, size_t size, const char *src)
+{
+	size_t n = 0;
+	for (; *src && *src != '\n' && n + 1 < size; src++)
+		dst[n++] = ((unsigned char)*src < 0x20 || *src == 0x7f) ? '?' : *src;
+	dst[n] = '\0';
+}
+
+/* The restored init's parent, from /proc/PID/stat (0 if it is gone). */
+static pid_t parent_of(pid_t pid)
+{
+	char path[64], buf[512];
+	snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	ssize_t n = read(fd, buf, sizeof buf - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = '\0';
+	char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
+	int ppid;
+	return p && sscanf(p + 1, " %*c %d", &ppid) == 1 ? (pid_t)ppid : 0;
+}
+
+/* Runs the restorer and returns the restored init, our child now; or fails the start-up with
+ * "restore failed: ..." (after killing the restored tree if it is ours). */
+static pid_t restore_job(const struct opts *o, const struct stdio *s, int status_w, int ready)
+{
+	if (prctl(PR_SET_CHILD_SUBREAPER, 1) < 0)
+		shepherd_fail(ready, "PR_SET_CHILD_SUBREAPER");
+	int res[2];
+	if (pipe2(res, O_CLOEXEC) < 0)
+		shepherd_fail(ready, "pipe");
+	pid_t r = fork();
+	if (r < 0)
+		shepherd_fail(ready, "fork");
+	if (r == 0)
+		run_restorer(o, s, status_w, res[1]);
+	close(res[1]);
+
+	char out[1024], junk[256];
+	size_t n = 0;
+	for (;;) { /* to EOF: whatever does not fit is read and dropped */
+		ssize_t got = n < sizeof out - 1 ? read(res[0], out + n, sizeof out - 1 - n)
+						  : read(res[0], junk, sizeof junk);
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got <= 0)
+			break;
+		if (n < sizeof out - 1)
+			n += (size_t)got;
+	}
+	out[n] = '\0';
+	close(res[0]);
+	int st;
+	while (waitpid(r, &st, 0) < 0)
+		if (errno != EINTR)
+			shepherd_fail(ready, "waitpid for the restorer");
+
+	char why[400], line[300];
+	clean_line(line, sizeof line, out);
+	pid_t pid = 0;
+	if (strncmp(line, "restored ", 9) == 0 && line[9] >= '1' && line[9] <= '9') {
+		char *end;
+		errno = 0;
+		long v = strtol(line + 9, &end, 10);
+		if (!errno && !*end && v <= 0x7fffffff)
+			pid = (pid_t)v;
+	}
+	if (strncmp(line, "error", 5) == 0 && (!line[5] || line[5] == ' '))
+		snprintf(why, sizeof why, "%s", line[5] && line[6] ? line + 6 : "the restorer gave no reason");
+	else if (WIFSIGNALED(st))
+		snprintf(why, sizeof why, "the restorer was killed by signal %d", WTERMSIG(st));
+	else if (WEXITSTATUS(st))
+		snprintf(why, sizeof why, "the restorer exited with status %d", WEXITSTATUS(st));
+	else if (!pid)
+		snprintf(why, sizeof why, *line ? "unexpected answer from the restorer: '%.200s'"
+						: "the restorer gave no answer", line);
+	else if (parent_of(pid) != getpid())
+		snprintf(why, sizeof why, "pid %d is not the shepherd's child", (int)pid);
+	else
+		return pid;
+
+	/* Ours only: never kill a pid that a faulty restorer named but that we do not own. */
+	if (pid && parent_of(pid) == getpid() && kill(pid, SIGKILL) == 0)
+		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+			;
+	say(ready, 0, "restore failed: %s", why);
+	_exit(1);
+}
+
 static _Noreturn void shepherd_main(const struct opts *o, struct stdio *s, int lsock, int ready)
 {
 	/* Own session and no SIGHUP: krgd's death or its terminal's hang-up must not take us down. */
@@ -677,12 +850,13 @@ static _Noreturn void shepherd_main(const struct opts *o, struct stdio *s, int l
 	int sigfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
 	if (sigfd < 0)
 		shepherd_fail(ready, "signalfd");
-	if (o->pidns && unshare(CLONE_NEWPID) < 0)
+	/* --restore: CRIU makes the restored init's PID namespace. */
+	if (o->pidns && !o->restore && unshare(CLONE_NEWPID) < 0)
 		shepherd_fail(ready, "cannot create a PID namespace (unshare; try --no-pidns)");
 	int st[2];
 	if (pipe2(st, O_CLOEXEC | O_NONBLOCK) < 0)
 		shepherd_fail(ready, "pipe");
-	pid_t c1 = fork();
+	pid_t c1 = o->restore ? restore_job(o, s, st[1], ready) : fork();
 	if (c1 < 0)
 		shepherd_fail(ready, "fork");
 	if (c1 == 0)

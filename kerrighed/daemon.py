@@ -115,6 +115,7 @@ class Daemon:
             p.NodePing: self.handle_node_ping,
             p.DaemonStop: self.handle_daemon_stop,
             p.ListJobs: self.handle_list_jobs,
+            p.MigrateJob: self.jobs.handle_migrate,
             p.CapsGet: self.jobs.handle_caps_get,
             p.CapsSet: self.jobs.handle_caps_set,
             p.SchedulerShow: self.handle_scheduler_show,
@@ -141,6 +142,10 @@ class Daemon:
             p.JobOutput: self.jobs.handle_job_output,
             p.JobExit: self.jobs.handle_job_exit,
             p.JobEvent: self.jobs.handle_job_event,
+            p.JobMigrate: self.jobs.handle_job_migrate,
+            p.JobImage: self.jobs.handle_job_image,
+            p.JobRestore: self.jobs.handle_job_restore,
+            p.JobMoved: self.jobs.handle_job_moved,
         }
 
     # -- life cycle -------------------------------------------------------------------------------

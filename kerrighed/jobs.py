@@ -101,6 +101,23 @@ async def spawn(record: JobRecord, env: dict[str, str], groups: list[int], umask
         raise KrgError(err.decode(errors="replace").strip() or f"krg-init failed with status {proc.returncode}")
 
 
+async def spawn_restore(record: JobRecord, images: Path, ctl: Path, rows: int = 24, cols: int = 80) -> None:
+    """Start krg-init in restore mode: a new shepherd that restores the job from CRIU images
+    (through checkpoint.restorer) and owns it as if it had started it."""
+    import sys
+
+    args = [str(KRG_INIT), "--ctl", str(ctl)]
+    if record.tty:
+        args += ["--pty", "--rows", str(rows), "--cols", str(cols)]
+    proc = await asyncio.create_subprocess_exec(
+        *args, "--restore", "--", sys.executable, "-m", "checkpoint.restorer", "--images", str(images),
+        *(["--pty"] if record.tty else []),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise KrgError(err.decode(errors="replace").strip() or f"krg-init failed with status {proc.returncode}")
+
+
 class Shepherd:
     """The control connection to one job's krg-init shepherd."""
 
@@ -179,6 +196,7 @@ class HostedJob:
     pending: bytearray = field(default_factory=bytearray)
     eof_asked: bool = False
     waiters: list[asyncio.Future] = field(default_factory=list)
+    held: list[bytes] | None = None      # stdin held while the job migrates
 
     def __post_init__(self):
         fds = self.shepherd.fds
@@ -254,6 +272,9 @@ class HostedJob:
     # -- input ------------------------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        if self.held is not None:
+            self.held.append(data)
+            return
         if self.stdin is None:
             return                      # stdin already closed: the bytes have nowhere to go
         self.pending += data
@@ -291,6 +312,61 @@ class HostedJob:
             os.close(self.stdin)
             self.stdin = None
             self.shepherd.say("eof")
+
+    # -- migration ---------------------------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """Before the dump: stop watching the job here, and hold its input."""
+        self.held = []
+        for fd in self.outputs.values():
+            self.loop.remove_reader(fd)
+        self._reading = False
+        self.loop.remove_reader(self.shepherd.sock.fileno())
+        if self.stdin is not None:
+            self.loop.remove_writer(self.stdin)
+
+    def resume(self) -> None:
+        """The dump failed and CRIU left the job running: watch it again, let the input through."""
+        held, self.held = self.held or [], None
+        self.loop.add_reader(self.shepherd.sock.fileno(), self._control)
+        self._update_readers()
+        for data in held:
+            self.feed(data)
+
+    def drain(self) -> list[tuple[int, bytes]]:
+        """After the dump killed the job: what it wrote and nobody read yet (CRIU leaves it in the
+        old pipes, so it is neither lost nor repeated by the restored job)."""
+        out = []
+        for stream, fd in list(self.outputs.items()):
+            os.set_blocking(fd, True)
+            while True:
+                try:
+                    data = os.read(fd, CHUNK)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                out.append((stream, data))
+            os.close(fd)
+        self.outputs.clear()
+        return out
+
+    def forget(self) -> None:
+        """The job lives elsewhere now: let the old shepherd go (it takes an ack only once it has
+        told us of the dumped tree's end) and close what we held."""
+        self.shepherd.sock.settimeout(5)
+        try:
+            while not any(parse_exit(line) for line in self.shepherd.lines()):
+                pass
+            self.shepherd.say("ack")
+        except (EOFError, OSError):
+            pass            # gone already
+        self.shepherd.close()
+        if self.stdin is not None:
+            os.close(self.stdin)
+            self.stdin = None
+        if self._drain is not None:
+            self._drain.close()
 
     def resize(self, rows: int, cols: int) -> None:
         if self.record.tty and 1 in self.outputs:

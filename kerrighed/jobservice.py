@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -18,9 +19,10 @@ from typing import TYPE_CHECKING
 
 from kerrighed import protocol as p
 from kerrighed.caps import Capabilities
-from kerrighed.errors import JobLost, KrgError, NodeDown, NodeStateError, NoSuchJob, PermissionDenied, UsageError
+from kerrighed.errors import (JobLost, KrgError, NodeDown, NodeStateError, NoSuchJob, PermissionDenied,
+                              ProtocolError, UsageError)
 from kerrighed.ids import make_gpid
-from kerrighed.jobs import HostedJob, JobRecord, Shepherd, load_record, spawn, tree_stats
+from kerrighed.jobs import HostedJob, JobRecord, Shepherd, load_record, spawn, spawn_restore, tree_stats
 from kerrighed.localsock import Caller, read_frames
 
 if TYPE_CHECKING:
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 LOCAL_BITS = 21
 FINISHED_TTL = 600.0            # how long an ended job's status waits for `krg wait`
 LIST_TIMEOUT = 10.0
+MIGRATION_TIMEOUT = 120.0
+IMAGE_PIECE = 8 << 20           # bytes of image per message while migrating
 REFRESH_INTERVAL = 1.0          # seconds between two re-reads of one node's job list
 
 
@@ -379,6 +383,161 @@ class JobService:
                 raise NoSuchJob(f"no job {gpid} in the cluster")
             await asyncio.sleep(self.d.cfg.heartbeat_interval)
 
+    # -- migration ----------------------------------------------------------------------------------------
+    # Freeze and dump with CRIU (which kills the tree once its images are safe), hand the images to
+    # the target, whose new shepherd restores the job and owns it. If the dump fails, CRIU leaves the
+    # job running here; if the target cannot restore it, it is restored here from the same images:
+    # never lost, never running twice.
+
+    async def handle_migrate(self, msg: p.MigrateJob, caller: Caller) -> dict:
+        node = await self.locate(msg.gpid)
+        req = p.JobMigrate(gpid=msg.gpid, target=msg.node, uid=caller.uid)
+        if node == self.me:
+            return await self.migrate_out(req)
+        return await self.d.transport.request(node, req, timeout=MIGRATION_TIMEOUT)
+
+    async def handle_job_migrate(self, node: int, msg: p.JobMigrate, payload):
+        return p.Ok(result=await self.migrate_out(msg))
+
+    async def migrate_out(self, msg: p.JobMigrate) -> dict:
+        from checkpoint import criu      # pycriu and protobuf: only for the daemons that migrate
+
+        job = self._hosted(msg.gpid)
+        record = job.record
+        if msg.uid not in (0, record.uid):
+            raise PermissionDenied(f"job {msg.gpid} belongs to uid {record.uid}: permission denied")
+        if not _caps(record.caps).has("CAN_MIGRATE"):
+            raise PermissionDenied(f"job {msg.gpid} may not migrate: it lacks CAN_MIGRATE "
+                                   f"(krgcapset -k {msg.gpid} -e +CAN_MIGRATE)")
+        online = self.d.members.online(time.monotonic())
+        if msg.target not in online:
+            raise NodeStateError(f"node {msg.target} is not online (online: {','.join(map(str, online))})")
+        if msg.target == self.me:
+            raise UsageError(f"job {msg.gpid} already runs on node {self.me}")
+        if job.held is not None:
+            raise NodeStateError(f"job {msg.gpid} is already migrating")
+        images = job.job_dir / "images"
+        shutil.rmtree(images, ignore_errors=True)
+        images.mkdir(mode=0o700)
+        t0 = time.monotonic()
+        job.hold()
+        try:
+            # A pty's slave is inherited at restore: the master stays with the shepherd.
+            external = [criu.fd_key(record.host_pid, 0)] if record.tty else []
+            stats = await asyncio.to_thread(criu.dump, record.host_pid, images, external=external)
+        except criu.CriuError as e:
+            job.resume()
+            shutil.rmtree(images, ignore_errors=True)
+            raise KrgError(f"cannot checkpoint job {msg.gpid}: {e}") from None
+        # The tree is gone. What it wrote before goes to its reader now, ahead of the restored job.
+        for stream, data in job.drain():
+            if job.sink is not None:
+                job.sink.output(stream, data)
+        job.forget()
+        names = sorted(f.name for f in images.iterdir())
+        moved = JobRecord.from_dict(record.to_dict())
+        moved.status = None
+        try:
+            await self._send_images(msg.target, msg.gpid, images, names)
+            await self.d.transport.request(
+                msg.target, p.JobRestore(record=moved.to_dict(), files=names, window=job.credit),
+                timeout=MIGRATION_TIMEOUT)
+        except KrgError as e:
+            log.warning("job %d: node %d could not restore it (%s); restoring it here", msg.gpid, msg.target, e)
+            self.hosted.pop(msg.gpid, None)
+            back = await self._restore_here(moved, images, job.sink, job.credit)
+            for data in job.held or ():
+                back.feed(data)
+            raise KrgError(f"migration of job {msg.gpid} to node {msg.target} failed ({e}); "
+                           f"it goes on on node {self.me}") from None
+        self.hosted.pop(msg.gpid, None)
+        for data in job.held or ():
+            self.d.transport.send(msg.target, p.JobInput(gpid=msg.gpid), [data])
+        self._moved(msg.gpid, record.origin, msg.target)
+        _remove_dir(images)
+        _remove_dir(job.job_dir)
+        self._changed(msg.gpid)
+        took = time.monotonic() - t0
+        log.info("job %d migrated to node %d in %.3f s (frozen %.3f s)", msg.gpid, msg.target, took,
+                 (stats.frozen_time or 0) / 1e6)
+        return {"gpid": msg.gpid, "node": msg.target, "seconds": took,
+                "frozen_s": (stats.frozen_time or 0) / 1e6}
+
+    async def _send_images(self, target: int, gpid: int, images: Path, names: list[str]) -> None:
+        """The images, piece by piece: one piece in memory at a time, each acknowledged before
+        the next (the flow control), none larger than a frame."""
+        for name in names:
+            with open(images / name, "rb") as f:
+                offset = 0
+                while True:
+                    piece = await asyncio.to_thread(f.read, IMAGE_PIECE)
+                    if not piece and offset:
+                        break
+                    await self.d.transport.request(target, p.JobImage(gpid=gpid, name=name, offset=offset),
+                                                   payload=[piece], timeout=MIGRATION_TIMEOUT)
+                    offset += len(piece)
+                    if not piece:
+                        break
+
+    async def handle_job_image(self, node: int, msg: p.JobImage, payload):
+        if "/" in msg.name or msg.name in ("", ".", "..") or len(payload) != 1 or msg.offset < 0:
+            raise ProtocolError("job.image: bad file name or payload")
+        if msg.gpid in self.hosted:
+            raise NodeStateError(f"job {msg.gpid} already runs on node {self.me}")
+        images = self.jobs_dir / str(msg.gpid) / "images"
+        images.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = images / msg.name
+        with open(path, "r+b" if msg.offset else "wb") as f:
+            f.seek(msg.offset)
+            await asyncio.to_thread(f.write, payload[0])
+        return p.Ok()
+
+    def _moved(self, gpid: int, origin: int, node: int) -> None:
+        if origin == self.me:
+            if (session := self.sessions.get(gpid)) is not None:
+                session.node = node
+        else:
+            self.d.transport.send(origin, p.JobMoved(gpid=gpid, node=node))
+
+    async def handle_job_moved(self, node: int, msg: p.JobMoved, payload):
+        if (session := self.sessions.get(msg.gpid)) is not None:
+            session.node = msg.node
+
+    async def handle_job_restore(self, node: int, msg: p.JobRestore, payload):
+        record = JobRecord.from_dict(msg.record)
+        job_dir = self.jobs_dir / str(record.gpid)
+        images = job_dir / "images"
+        if not images.is_dir() or sorted(f.name for f in images.iterdir()) != sorted(msg.files):
+            _remove_dir(images)
+            _remove_dir(job_dir)
+            raise ProtocolError(f"job.restore: the images of job {record.gpid} did not all arrive")
+        if record.detach:
+            sink = None
+        elif record.origin == self.me:
+            sink = self.sessions.get(record.gpid)
+        else:
+            sink = RemoteSink(self.d, record.origin, record.gpid)
+        try:
+            await self._restore_here(record, images, sink, msg.window)
+        except BaseException:
+            _remove_dir(images)
+            _remove_dir(job_dir)
+            raise
+        _remove_dir(images)
+        return p.Ok(result={"node": self.me})
+
+    async def _restore_here(self, record: JobRecord, images: Path, sink, window: int) -> HostedJob:
+        job_dir = images.parent
+        ctl = job_dir / "ctl.sock"
+        await spawn_restore(record, images, ctl)
+        shepherd = await asyncio.to_thread(Shepherd.connect, ctl)
+        record.node, record.host_pid = self.me, shepherd.host_pid
+        job = HostedJob(record, shepherd, job_dir, self._job_done, sink=sink, credit=window)
+        job.save()
+        self.hosted[record.gpid] = job
+        self._changed(record.gpid)
+        return job
+
     # -- Kerrighed capabilities ---------------------------------------------------------------------------
     # A job's capabilities live in its record; a local process's (the shell that ran `krgcapset`
     # without -k) in `self.proc_caps`, keyed by pid and start time so a reused pid is not mistaken.
@@ -574,12 +733,7 @@ def _entry(r: JobRecord) -> dict:
 
 
 def _remove_dir(path: Path) -> None:
-    for child in path.glob("*"):
-        child.unlink(missing_ok=True)
-    try:
-        path.rmdir()
-    except OSError:
-        pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 async def _send(writer, msg: p.Message, payload=()) -> None:

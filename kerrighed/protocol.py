@@ -348,6 +348,12 @@ class WaitJob(Message):
     gpid: int
 
 
+@message("proc.migrate")
+class MigrateJob(Message):
+    gpid: int
+    node: int
+
+
 @message("caps.get")
 class CapsGet(Message):
     """Kerrighed capabilities of a job (gpid) or of a local process (pid)."""
@@ -495,6 +501,41 @@ class JobCaps(Message):
     gpid: int
     uid: int                          # who asks: the hosting node checks ownership
     changes: list[list[str]] | None = None
+
+
+@message("job.migrate")
+class JobMigrate(Message):
+    """To the job's host: move it to `target`."""
+
+    gpid: int
+    target: int
+    uid: int
+
+
+@message("job.image")
+class JobImage(Message):
+    """To the migration's target: a piece of one CRIU image file (the payload), at `offset`."""
+
+    gpid: int
+    name: str
+    offset: int
+
+
+@message("job.restore")
+class JobRestore(Message):
+    """To the migration's target, once every image file is there: restore the job."""
+
+    record: dict[str, Any]
+    files: list[str]
+    window: int = 1 << 20
+
+
+@message("job.moved")
+class JobMoved(Message):
+    """To the job's origin: its session's job now runs on `node`."""
+
+    gpid: int
+    node: int
 
 
 @message("job.event")
