@@ -127,17 +127,23 @@ def test_a_half_sent_local_message_does_not_hurt(cluster):
     assert cluster.online(1) == {1, 2, 3}
 
 
-def test_malformed_peer_messages_get_an_error_reply(cluster):
-    """A peer with a valid key (node 3's) sending garbage to node 1's node-to-node socket."""
+def peer_socket(cluster, me: int, to: int):
+    """A DEALER speaking to node `to` as node `me` would, with `me`'s CURVE keys."""
     cfg = cluster.home.load_config()
-    public, secret = cluster.home.load_keypair(3)
+    public, secret = cluster.home.load_keypair(me)
     ctx = zmq.Context()
     d = ctx.socket(zmq.DEALER)
     d.linger = 0
-    d.curve_serverkey = cfg.node(1).public_key.encode()
+    d.curve_serverkey = cfg.node(to).public_key.encode()
     d.curve_publickey, d.curve_secretkey = public, secret
     d.rcvtimeo = 5000
-    d.connect(cfg.node(1).endpoint)
+    d.connect(cfg.node(to).endpoint)
+    return ctx, d
+
+
+def test_malformed_peer_messages_get_an_error_reply(cluster):
+    """A peer with a valid key (node 3's) sending garbage to node 1's node-to-node socket."""
+    ctx, d = peer_socket(cluster, me=3, to=1)
     try:
         def ask(frames):
             d.send_multipart(frames)
@@ -166,14 +172,7 @@ def test_malformed_peer_messages_get_an_error_reply(cluster):
 
 
 def test_a_heartbeat_claiming_another_node_is_ignored(cluster):
-    cfg = cluster.home.load_config()
-    public, secret = cluster.home.load_keypair(3)
-    ctx = zmq.Context()
-    d = ctx.socket(zmq.DEALER)
-    d.linger = 0
-    d.curve_serverkey = cfg.node(1).public_key.encode()
-    d.curve_publickey, d.curve_secretkey = public, secret
-    d.connect(cfg.node(1).endpoint)
+    ctx, d = peer_socket(cluster, me=3, to=1)
     try:
         fake = p.Heartbeat(node=2, incarnation=1, view={"epoch": 99, "proposer": 3, "members": [[3, 1]]}, stats={})
         d.send_multipart(p.encode(fake))
