@@ -159,3 +159,37 @@ def test_a_multithreaded_job_keeps_its_memory(cluster):
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_a_target_that_dies_mid_migration_leaves_the_job_on_its_source(cluster, counter):
+    job = counter(2)
+    job.read_until(5)
+    cluster.run("krgcapset", "-k", str(job.gpid), "-e", "+CAN_MIGRATE")
+    target = cluster.pid(3)
+    os.kill(target, signal.SIGSTOP)         # node 3 stops answering: it will be seen dead
+    try:
+        r = cluster.run("migrate", str(job.gpid), "3", check=False)
+    finally:
+        os.kill(target, signal.SIGCONT)
+    assert r.returncode == 1 and "goes on on node 2" in r.stderr, r.stderr
+    assert ps(cluster)[job.gpid]["node"] == 2
+    numbers = job.read_until(len(job.numbers()) + 20)
+    assert numbers == list(range(len(numbers)))       # restored where it was: nothing lost or repeated
+
+
+def test_a_job_criu_cannot_dump_keeps_running(cluster):
+    """A job holding a connection to its node's daemon (an external Unix socket): CRIU refuses to
+    dump it, and it goes on where it was."""
+    home = str(cluster.home.path)
+    outer = cluster.run("krg", "run", "-d", "-n", "2", str(BIN / "krg"), "--home", home, "--node", "2",
+                        "run", "-n", "1", "sleep", "300").stdout
+    gpid = int(outer.split()[-1])
+    wait_for(lambda: sum(1 for j in ps(cluster).values() if j["argv"] == ["sleep", "300"]) == 1,
+             what="the inner job to start")
+    cluster.run("krgcapset", "-k", str(gpid), "-e", "+CAN_MIGRATE")
+    r = cluster.run("migrate", str(gpid), "3", check=False)
+    assert r.returncode == 1 and r.stderr.startswith(f"migrate: cannot checkpoint job {gpid}: "), r.stderr
+    assert r.stderr.count("\n") == 1
+    job = ps(cluster)[gpid]
+    assert job["node"] == 2 and job["state"] != "exited"
+    cluster.run("krg", "kill", str(gpid))

@@ -223,10 +223,11 @@ class Daemon:
         if actions:
             self.changed.set()
 
-    async def request_unless_down(self, node: int, msg: p.Message, timeout: float | None) -> object:
+    async def request_unless_down(self, node: int, msg: p.Message, timeout: float | None,
+                                  payload: list[bytes] = ()) -> object:
         """A request to `node` that gives up (NodeDown) as soon as the node is seen dead."""
         down = self.node_down_future(node)
-        asking = asyncio.ensure_future(self.transport.request(node, msg, timeout=timeout))
+        asking = asyncio.ensure_future(self.transport.request(node, msg, timeout=timeout, payload=payload))
         try:
             await asyncio.wait({asking, down}, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -439,7 +439,7 @@ class JobService:
         moved.status = None
         try:
             await self._send_images(msg.target, msg.gpid, images, names)
-            await self.d.transport.request(
+            await self.d.request_unless_down(
                 msg.target, p.JobRestore(record=moved.to_dict(), files=names, window=job.credit),
                 timeout=MIGRATION_TIMEOUT)
         except KrgError as e:
@@ -473,8 +473,8 @@ class JobService:
                     piece = await asyncio.to_thread(f.read, IMAGE_PIECE)
                     if not piece and offset:
                         break
-                    await self.d.transport.request(target, p.JobImage(gpid=gpid, name=name, offset=offset),
-                                                   payload=[piece], timeout=MIGRATION_TIMEOUT)
+                    await self.d.request_unless_down(target, p.JobImage(gpid=gpid, name=name, offset=offset),
+                                                     timeout=MIGRATION_TIMEOUT, payload=[piece])
                     offset += len(piece)
                     if not piece:
                         break
