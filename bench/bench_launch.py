@@ -26,16 +26,19 @@ process. Measured, and what each figure is compared with:
    hashes what it reads, in this process, in every case.
 4. `krg ps` at scale:
    - simulated ("simulated": true), 10,000 and 100,000 jobs, in this process without daemons but
-     with the real code: the entries are built by JobService.local_listing() itself over synthetic
-     hosted jobs whose stats() is stubbed; then the wire (protocol.encode of the ok reply and
-     protocol.decode, as the daemon and the command do) beside plain msgpack packb/unpackb of the
-     same list; then kerrighed.cli.krg.ps's formatting (table and --json, to /dev/null) with a fake
-     client returning the decoded list, beside procps `ps` (per entry). protocol.MAX_BODY caps a
-     reply's body: a size beyond it is reported as refused (with what it would cost were the limit
-     lifted) and the largest list that fits is measured as well;
-   - the stubbed HostedJob.stats(), measured apart with the real code on a real process tree, at
-     this machine's process count and with 1,000 more processes (psutil scans all of /proc for every
-     job's children), and the projected cost of building a real listing from it;
+     with the real code: the entries are built by JobService.local_listing() itself (a coroutine,
+     run with asyncio.run) over synthetic hosted jobs, with kerrighed.jobs.tree_stats stubbed; then
+     the wire (protocol.encode of the ok reply, and protocol.decode with max_body=MAX_FRAME as
+     kerrighed.client does with a reply) beside plain msgpack packb/unpackb of the same list; then
+     kerrighed.cli.krg.ps's formatting (table and --json, to /dev/null) with a fake client returning
+     the decoded list, beside procps `ps` (per entry). A reply may be as large as protocol.MAX_FRAME
+     (protocol.MAX_BODY still bounds requests): a size beyond it is reported as refused (with what
+     it would cost were the limit lifted), and the largest list that fits is measured as well;
+   - the stubbed tree_stats(), measured apart with the real code on a real job-like process tree:
+     tree_stats([that init]) and tree_stats over 10,000 and 100,000 inits (that tree, repeated) at
+     this machine's process count and with 1,000 more processes (it reads all of /proc once per
+     call), and from the per-process and per-job costs, the projected cost of a real listing of
+     10,000 and 100,000 jobs (PROCESSES_PER_JOB processes each on the node);
    - real: detached `sleep` jobs on node 2, listed through node 1 (proc.list and `krg ps --json`)
      at 0, 25, 50, 75, 100 and 150 jobs (0 to 100 with --quick), with the membership nodes 1 and 2
      see, stopping at the first size where the cluster misbehaves. This part runs last: it may
@@ -52,9 +55,9 @@ line, the sleeps a duration unique to the run); anything left makes the run fail
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
-import functools
 import hashlib
 import itertools
 import json
@@ -79,7 +82,7 @@ import msgpack
 import psutil
 import zmq
 
-from kerrighed import localcluster
+from kerrighed import jobservice, localcluster
 from kerrighed import protocol as p
 from kerrighed.caps import Capabilities
 from kerrighed.cli import krg, krg_run
@@ -87,7 +90,7 @@ from kerrighed.client import Client
 from kerrighed.config import Home
 from kerrighed.errors import JobLost, KrgError, NotRunning, ProtocolError
 from kerrighed.ids import make_gpid
-from kerrighed.jobs import HostedJob, JobRecord
+from kerrighed.jobs import JobRecord, tree_stats
 from kerrighed.jobservice import JobService
 
 NODES = 4
@@ -103,6 +106,7 @@ WARMUP = 10
 CONCURRENCY = 8
 BLOCK = 1 << 20
 PS_SIZES = (10_000, 100_000)
+REPLY_LIMIT = p.MAX_FRAME   # a reply we asked for may be this large (p.MAX_BODY bounds requests)
 EXTRA_PROCESSES = 1000
 PROCESSES_PER_JOB = 3       # krg-init's shepherd, krg-init as the namespace's init, the program
 SETTLE_S = 2.0              # after launching jobs: let the peers re-read node 2's list before timing
@@ -310,7 +314,7 @@ def read_message(stream) -> tuple[p.Message, list[bytes]]:
         if size > p.MAX_FRAME:
             raise ProtocolError(f"frame of {size} bytes")
         frames.append(read_exact(stream, size))
-    msg, _, payload = p.decode(frames)
+    msg, _, payload = p.decode(frames, max_body=p.MAX_FRAME)      # as krg run reads its daemon
     return msg, payload
 
 
@@ -671,21 +675,35 @@ def stream_throughput(home: Home, mib: int, results: dict, problems: list[str]) 
 
 
 def synthetic_listing(n: int) -> tuple[list[dict], float]:
-    """n entries exactly as JobService.local_listing() returns them, built by that very function over
-    hosted jobs whose stats() is stubbed (a sleeping 2-word command); and the seconds it took."""
+    """n entries exactly as JobService.local_listing() returns them, built by that very coroutine over
+    hosted jobs (a sleeping 2-word command) with kerrighed.jobs.tree_stats stubbed (it hands out
+    prepared figures); and the seconds the coroutine took (the event loop's creation not counted)."""
     now = time.time()
     caps = Capabilities.DEFAULT.to_dict()
-    hosted = {}
+    hosted, figures = {}, {}
     for i in range(n):
         gpid = make_gpid(REMOTE, 1 + i)
         record = JobRecord(gpid=gpid, argv=["sleep", "600"], uid=0, gid=0, cwd="/root", origin=1, node=REMOTE,
                            start_time=now - i % 3600, app=gpid, caps=caps, host_pid=100_000 + i)
-        stats = {"cpu_time": 0.01 * (i % 97), "rss": 1_765_376 + 4096 * (i % 13), "state": "sleeping", "nprocs": 1}
-        hosted[gpid] = types.SimpleNamespace(record=record, stats=functools.partial(dict, stats))
+        figures[record.host_pid] = {"cpu_time": 0.01 * (i % 97), "rss": 1_765_376 + 4096 * (i % 13),
+                                    "state": "sleeping", "nprocs": 1}
+        hosted[gpid] = types.SimpleNamespace(record=record)
     service = types.SimpleNamespace(hosted=hosted, finished={})
-    t0 = time.perf_counter()
-    entries = JobService.local_listing(service)
-    return entries, time.perf_counter() - t0
+
+    def stub(inits: list[int]) -> dict[int, dict]:
+        return {pid: dict(figures[pid]) for pid in inits}
+
+    async def build() -> tuple[list[dict], float]:
+        t0 = time.perf_counter()
+        entries = await JobService.local_listing(service)
+        return entries, time.perf_counter() - t0
+
+    saved = jobservice.tree_stats
+    jobservice.tree_stats = stub
+    try:
+        return asyncio.run(build())
+    finally:
+        jobservice.tree_stats = saved
 
 
 def median_s(call: Callable[[], object], reps: int) -> float:
@@ -702,14 +720,20 @@ def body_size(entries: list[dict]) -> int:
 
 
 def largest_fitting(entries: list[dict]) -> int:
-    """The largest n such that a reply listing entries[:n] has a body within protocol.MAX_BODY."""
-    if body_size(entries) <= p.MAX_BODY:
+    """The largest n such that a reply listing entries[:n] has a body within REPLY_LIMIT."""
+    if body_size(entries) <= REPLY_LIMIT:
         return len(entries)
     lo, hi = 0, len(entries)        # lo fits, hi does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if body_size(entries[:mid]) <= p.MAX_BODY else (lo, mid)
+        lo, hi = (mid, hi) if body_size(entries[:mid]) <= REPLY_LIMIT else (lo, mid)
     return lo
+
+
+def decode_reply(frames: list[bytes]) -> p.Message:
+    """A reply decoded as kerrighed.client.Client.call does (the transport between daemons alike)."""
+    reply, _, _ = p.decode(frames, max_body=p.MAX_FRAME)
+    return reply
 
 
 class FakeClient:
@@ -752,13 +776,15 @@ def ps_wire_and_format(entries: list[dict], reps: int) -> dict:
     reply = p.Ok(result={"jobs": entries})
     frames = p.encode(reply, rid=1)
     body = frames[3]
-    fig = {"entries": n, "body_bytes": len(body), "fits_max_body": len(body) <= p.MAX_BODY,
+    fig = {"entries": n, "body_bytes": len(body), "fits_reply_limit": len(body) <= REPLY_LIMIT,
            "encode_ms": 1e3 * median_s(lambda: p.encode(reply, rid=1), reps)}
-    if fig["fits_max_body"]:
-        fig["decode_ms"] = 1e3 * median_s(lambda: p.decode(frames), reps)
+    if fig["fits_reply_limit"]:
+        if decode_reply(frames).result["jobs"] != entries:
+            raise RuntimeError(f"a reply of {n} entries does not decode to what was encoded")
+        fig["decode_ms"] = 1e3 * median_s(lambda: decode_reply(frames), reps)
     else:
         try:
-            p.decode(frames)
+            decode_reply(frames)
             fig["refused"] = None
         except ProtocolError as e:
             fig["refused"] = str(e)
@@ -778,9 +804,11 @@ def ps_wire_and_format(entries: list[dict], reps: int) -> dict:
     return fig
 
 
-def hosting_stats_cost(spawned: list[subprocess.Popen]) -> dict:
-    """HostedJob.stats(), the real code, on a job-like tree (a shell and its sleep), at this machine's
-    process count and with EXTRA_PROCESSES more; and procps `ps` over the same process tables."""
+def tree_stats_cost(spawned: list[subprocess.Popen]) -> dict:
+    """kerrighed.jobs.tree_stats, the real code, on a job-like tree (a shell standing for the namespace's
+    init, and its sleep for the program): tree_stats([that init]) and tree_stats over N inits (that init
+    N times: the per-job work of N jobs of that shape), for N in PS_SIZES, at this machine's process
+    count and with EXTRA_PROCESSES more; and procps `ps` over the same process tables."""
     host = subprocess.Popen(["sh", "-c", f"{' '.join(SLEEP_ARGV)}; exit 0"], start_new_session=True)
     spawned.append(host)
     deadline = time.monotonic() + 10
@@ -788,11 +816,11 @@ def hosting_stats_cost(spawned: list[subprocess.Popen]) -> dict:
         if time.monotonic() > deadline:
             raise RuntimeError("the job-like process tree did not start within 10 s")
         time.sleep(0.01)
-    job = types.SimpleNamespace(record=types.SimpleNamespace(host_pid=host.pid))
-    job.processes = functools.partial(HostedJob.processes, job)
-    stats = functools.partial(HostedJob.stats, job)
-    if stats()["nprocs"] != 1:
-        raise RuntimeError(f"the job-like tree is not as expected: {stats()}")
+    init = host.pid
+    got = tree_stats([init])[init]
+    if got["nprocs"] != 1 or got["state"] != "sleeping" or not got["rss"]:
+        raise RuntimeError(f"the job-like tree is not as expected: {got}")
+    many = {n: [init] * n for n in PS_SIZES}
 
     def procps():
         subprocess.run(PROCPS, stdout=subprocess.DEVNULL, check=True, timeout=60)
@@ -805,25 +833,33 @@ def hosting_stats_cost(spawned: list[subprocess.Popen]) -> dict:
                 sleepers.append(subprocess.Popen(SLEEP_ARGV, stdin=subprocess.DEVNULL, start_new_session=True))
                 spawned.append(sleepers[-1])
             processes = len(psutil.pids())
-            points.append({"processes": processes, "stats_ms": 1e3 * median_s(stats, 20 if extra else 50),
+            one_ms = 1e3 * median_s(lambda: tree_stats([init]), 20 if extra else 50)
+            inits_ms = {str(n): 1e3 * median_s(lambda n=n: tree_stats(many[n]), 5 if n <= 10_000 else 3)
+                        for n in PS_SIZES}
+            points.append({"processes": processes, "one_init_ms": one_ms, "inits_ms": inits_ms,
                            "procps_ms": 1e3 * median_s(procps, 5)})
     finally:
         for proc in sleepers:
             stop_process(proc)
         stop_process(host)
     (a, b) = points
-    per_process_us = 1e3 * (b["stats_ms"] - a["stats_ms"]) / (b["processes"] - a["processes"])
+    per_process_us = 1e3 * (b["one_init_ms"] - a["one_init_ms"]) / (b["processes"] - a["processes"])
     procps_per_process_us = 1e3 * (b["procps_ms"] - a["procps_ms"]) / (b["processes"] - a["processes"])
-    # A hosted job is PROCESSES_PER_JOB processes of its node: N jobs, at least that many times N.
-    projected = {str(n): n * (a["stats_ms"] + per_process_us / 1e3 * PROCESSES_PER_JOB * n) / 1e3
-                 for n in PS_SIZES}
-    return {"points": points, "stats_us_per_process_on_machine": per_process_us,
+    # The per-job walk, from the largest N at both process counts (the scan's cost cancels out).
+    largest = max(PS_SIZES)
+    per_job_us = statistics.fmean(1e3 * (pt["inits_ms"][str(largest)] - pt["one_init_ms"]) / (largest - 1)
+                                  for pt in points)
+    # N hosted jobs are PROCESSES_PER_JOB * N processes more on their node, each read once per call.
+    projected = {str(n): (a["one_init_ms"] + per_process_us / 1e3 * PROCESSES_PER_JOB * n
+                          + per_job_us / 1e3 * (n - 1)) / 1e3 for n in PS_SIZES}
+    return {"points": points, "tree_stats_us_per_process": per_process_us, "tree_stats_us_per_job": per_job_us,
             "procps_us_per_process": procps_per_process_us,
-            "projected_local_listing_s": projected,
+            "projected_tree_stats_s": projected,
             "processes_per_job": PROCESSES_PER_JOB,
-            "projection": f"N jobs x stats() at (processes now + {PROCESSES_PER_JOB}N): "
-                          "psutil.Process.children() reads "
-                          "/proc/<pid>/stat of every process of the machine, for every job"}
+            "pid_max": int(Path("/proc/sys/kernel/pid_max").read_text()),
+            "projection": f"tree_stats over N inits at (processes now + {PROCESSES_PER_JOB}N): one read of "
+                          "/proc for the whole machine (per process), then a walk of each job's tree (per job); "
+                          "local_listing adds the building of the entries (measured with tree_stats stubbed)"}
 
 
 def ps_simulated(results: dict, spawned: list[subprocess.Popen]) -> None:
@@ -834,40 +870,53 @@ def ps_simulated(results: dict, spawned: list[subprocess.Popen]) -> None:
     fit = largest_fitting(entries)
     out = {"simulated": True,
            "how": "synthetic hosted jobs (argv ['sleep', '600'], uid 0, default capabilities) listed by the real "
-                  "JobService.local_listing() with each job's stats() stubbed, in this process; the ok reply "
-                  "through the real protocol.encode/decode; the real krg.ps formatting with a fake client, "
-                  "output to /dev/null. No daemon, no real job.",
-           "max_body": p.MAX_BODY, "entry_bytes": body_size(entries) / largest,
-           "max_entries_per_reply": fit, "sizes": {}}
+                  "JobService.local_listing() with kerrighed.jobs.tree_stats stubbed, in this process; the ok "
+                  "reply through the real protocol.encode and protocol.decode(max_body=MAX_FRAME), as the client "
+                  "decodes a reply; the real krg.ps formatting with a fake client, output to /dev/null. "
+                  "No daemon, no real job.",
+           "max_body": p.MAX_BODY, "max_frame": p.MAX_FRAME, "reply_limit": REPLY_LIMIT,
+           "entry_bytes": body_size(entries) / largest, "max_entries_per_reply": fit, "sizes": {}}
+    out["entries_per_reply_by_size"] = int(REPLY_LIMIT // out["entry_bytes"])
     for n in sorted({*PS_SIZES, fit}):
         sub = entries[:n]
         _, build = synthetic_listing(n) if n != largest else (None, build_s)
         fig = {"listing_build_ms": 1e3 * build, **ps_wire_and_format(sub, 3 if n <= 10_000 else 1)}
         out["sizes"][str(n)] = fig
     del entries
-    out["stats_cost"] = cost = hosting_stats_cost(spawned)
+    out["stats_cost"] = cost = tree_stats_cost(spawned)
+    # A real listing of N jobs: tree_stats (projected) plus the rest of local_listing (measured above).
+    out["projected_local_listing_s"] = {
+        n: s + out["sizes"][n]["listing_build_ms"] / 1e3 for n, s in cost["projected_tree_stats_s"].items()}
+    out["list_timeout_s"] = jobservice.LIST_TIMEOUT
     results["ps_simulated"] = out
 
     print(f"ps_simulated (simulated entries, in-process, real code): {out['entry_bytes']:.0f} bytes per entry; "
-          f"protocol.MAX_BODY {p.MAX_BODY} bytes -> at most {fit} jobs in one reply")
+          f"a reply may be protocol.MAX_FRAME {p.MAX_FRAME} bytes (MAX_BODY {p.MAX_BODY} bounds requests) -> "
+          f"at most {fit:,} jobs in one reply" + (f" (all of them; about {out['entries_per_reply_by_size']:,} by "
+                                                   "the entry size)" if fit == largest else ""))
     for n, fig in out["sizes"].items():
-        wire = (f"wire encode {fig['encode_ms']:.0f} + decode {fig['decode_ms']:.0f} ms" if fig["fits_max_body"] else
-                f"REFUSED by protocol.decode ({fig['refused']}); were it allowed: encode {fig['encode_ms']:.0f} + "
-                f"decode {fig['decode_ms_if_allowed']:.0f} ms")
+        wire = (f"wire encode {fig['encode_ms']:.0f} + decode {fig['decode_ms']:.0f} ms" if fig["fits_reply_limit"]
+                else f"REFUSED by protocol.decode ({fig['refused']}); were it allowed: encode "
+                     f"{fig['encode_ms']:.0f} + decode {fig['decode_ms_if_allowed']:.0f} ms")
         print(f"ps_simulated_{n}_ms: body {fig['body_bytes'] / 1e6:.2f} MB, {wire} "
               f"({fig['wire_us_per_entry']:.1f} us/entry); msgpack alone {fig['baseline_msgpack_ms']:.0f} ms -> "
               f"ratio {fig['ratio_wire_vs_msgpack']:.2f}x; "
-              f"listing build (stats stubbed) {fig['listing_build_ms']:.0f} ms; "
+              f"listing build (tree_stats stubbed) {fig['listing_build_ms']:.0f} ms; "
               f"krg ps table {fig['format_table_ms']:.0f} ms ({fig['format_table_us_per_entry']:.1f} us/entry), "
               f"--json {fig['format_json_ms']:.0f} ms ({fig['format_json_us_per_entry']:.1f} us/entry); "
               f"procps ps {cost['procps_us_per_process']:.1f} us/process -> table ratio "
               f"{ratio(fig['format_table_us_per_entry'], cost['procps_us_per_process']):.1f}x")
     a, b = cost["points"]
-    print(f"ps_hosting_stats_ms: HostedJob.stats() {a['stats_ms']:.1f} ms per job with {a['processes']} processes "
-          f"on the machine, {b['stats_ms']:.1f} ms with {b['processes']} -> "
-          f"{cost['stats_us_per_process_on_machine']:.0f} us per process per job; projected local_listing "
-          f"({PROCESSES_PER_JOB} processes per job): "
-          + ", ".join(f"{int(n):,} jobs {s:,.0f} s" for n, s in cost["projected_local_listing_s"].items()))
+    many = ", ".join(f"{int(n):,} inits {a['inits_ms'][n]:.0f} ms ({b['inits_ms'][n]:.0f} ms)" for n in a["inits_ms"])
+    print(f"ps_tree_stats_ms: tree_stats([1 init]) {a['one_init_ms']:.1f} ms with {a['processes']} processes on the "
+          f"machine, {b['one_init_ms']:.1f} ms with {b['processes']} -> {cost['tree_stats_us_per_process']:.1f} us "
+          f"per process; over {many} -> {cost['tree_stats_us_per_job']:.2f} us per job")
+    print(f"ps_projected_listing_s ({PROCESSES_PER_JOB} processes per job, one /proc pass): "
+          + ", ".join(f"{int(n):,} jobs tree_stats {s:.2f} s + entries "
+                      f"{out['sizes'][n]['listing_build_ms'] / 1e3:.2f} s = {out['projected_local_listing_s'][n]:.2f} s"
+                      for n, s in cost["projected_tree_stats_s"].items())
+          + f" (a peer waits LIST_TIMEOUT {jobservice.LIST_TIMEOUT:.0f} s for a node's listing; this machine's "
+            f"pid_max {cost['pid_max']} allows {cost['pid_max'] // PROCESSES_PER_JOB:,} jobs at most)")
 
 
 # -- 4b. krg ps, real jobs -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
+import psutil
 import pytest
 
 from kerrighed import localcluster
@@ -138,6 +139,15 @@ def make_home():
     yield make
     leaks = []
     for home in homes:
+        # Shepherds outlive their daemon on purpose (a restarted daemon adopts them): a test that
+        # leaves one behind leaks a process.
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(a.startswith(f"{home.path}/") for a in proc.info["cmdline"] or ()):
+                leaks.append(f"process {proc.pid} {' '.join(proc.info['cmdline'])[:80]}")
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
         for n in home.local_nodes():
             pid = localcluster.daemon_pid(home, n)
             if pid:

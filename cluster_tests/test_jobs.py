@@ -236,16 +236,21 @@ def test_jobs_on_a_dead_node_are_lost_not_hanging(cluster, popen_krg):
     attached = popen_krg("run", "-n", "3", "sh", "-c", "echo ready; sleep 300")
     read_until(attached.stdout, b"ready")
     # The machine dies: its daemon and every process of its jobs.
-    shepherds = [p for p in psutil.process_iter(["cmdline"])
-                 if any(f"{cluster.home.path}/nodes/3/" in a for a in p.info["cmdline"] or [])]
     cluster.kill(3)
-    for sh in shepherds:
-        try:
-            for child in sh.children(recursive=True):
-                child.kill()
-            sh.kill()
-        except psutil.NoSuchProcess:
-            pass
+
+    def kill_node_3_jobs():
+        shepherds = [p for p in psutil.process_iter(["cmdline"])
+                     if any(f"{cluster.home.path}/nodes/3/" in a for a in p.info["cmdline"] or [])]
+        for sh in shepherds:
+            try:
+                for child in sh.children(recursive=True):
+                    child.kill()
+                sh.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return not shepherds
+
+    wait_for(kill_node_3_jobs, what="node 3's jobs to be gone")
     assert attached.wait(timeout=20) == 255
     err = attached.stderr.read()
     assert b"lost" in err and b"node 3 died" in err

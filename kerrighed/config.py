@@ -141,7 +141,13 @@ class Home:
 
     @classmethod
     def resolve(cls, flag: str | None = None) -> Home:
-        return cls(Path(flag or os.environ.get("KRG_HOME") or DEFAULT_HOME))
+        return cls(Path(flag or os.environ.get("KRG_HOME") or DEFAULT_HOME).absolute())
+
+    def run_dir(self, node: int) -> Path:
+        """Node N's daemon works here, and so do the inits of the jobs it starts: CRIU writes
+        into their working directory while dumping, and a restored init needs it back, on
+        whichever node, at the same path (so every node creates any node's on demand)."""
+        return self.path / "run" / f"node{node}"
 
     @property
     def cluster_file(self) -> Path:

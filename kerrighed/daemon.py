@@ -534,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         for d in (state.parent, state):
             os.chmod(d, 0o755)      # users reach the socket inside
         pid_fd = _lock_pidfile(home.pidfile(args.node))
+        home.run_dir(args.node).mkdir(parents=True, exist_ok=True)
+        os.chdir(home.run_dir(args.node))
         daemon = Daemon(home, args.node, ready)
         asyncio.run(daemon.run())
     except KrgError as e:

@@ -440,14 +440,37 @@ class HostedJob:
 
 
 
+_STATES = {"R": "running", "S": "sleeping", "D": "disk-sleep", "T": "stopped", "t": "tracing-stop",
+           "Z": "zombie", "X": "dead", "I": "idle"}
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _proc_table() -> dict[int, tuple[int, str, float, int]]:
+    """pid -> (ppid, state letter, CPU seconds, RSS bytes), one read of /proc/PID/stat each."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue        # gone meanwhile
+        # after the command: state ppid ... utime(12) stime(13) ... rss(22), counted from state
+        table[int(name)] = (int(fields[1]), fields[0].decode(), (int(fields[11]) + int(fields[12])) / _TICK,
+                            int(fields[21]) * _PAGE)
+    return table
+
+
 def tree_stats(inits: list[int]) -> dict[int, dict]:
-    """Figures for `krg ps`, for many jobs in one pass over /proc (not one pass per job): each
-    job's CPU time and RSS summed over its tree, and its program's state. Keyed by init pid."""
+    """Figures for `krg ps`, for many jobs in one pass over /proc (not one pass per job, and one
+    read per process): each job's CPU time and RSS summed over its tree, and its program's state.
+    Keyed by init pid."""
+    table = _proc_table()
     children: dict[int, list[int]] = {}
-    info: dict[int, dict] = {}
-    for proc in psutil.process_iter(["ppid", "status", "cpu_times", "memory_info"]):
-        info[proc.pid] = proc.info
-        children.setdefault(proc.info["ppid"], []).append(proc.pid)
+    for pid, (ppid, *_rest) in table.items():
+        children.setdefault(ppid, []).append(pid)
     out = {}
     for init in inits:
         cpu = rss = 0.0
@@ -457,13 +480,10 @@ def tree_stats(inits: list[int]) -> dict[int, dict]:
             tree.append(pid)
             todo += children.get(pid, ())
         for pid in tree:
-            i = info[pid]
-            if i["cpu_times"] is not None:
-                cpu += i["cpu_times"].user + i["cpu_times"].system
-            if i["memory_info"] is not None:
-                rss += i["memory_info"].rss
+            cpu += table[pid][2]
+            rss += table[pid][3]
         program = min(children.get(init, ()), default=None)      # the init's first child
-        state = info[program]["status"] if program is not None else "exited"
+        state = _STATES.get(table[program][1], "unknown") if program is not None else "exited"
         out[init] = {"cpu_time": cpu, "rss": int(rss), "state": state, "nprocs": len(tree)}
     return out
 

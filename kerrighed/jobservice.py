@@ -86,6 +86,7 @@ class JobService:
         self._seen: dict[int, int] = {}      # node -> version of its list we hold
         self._refreshing: set[int] = set()
         self._last_refresh: dict[int, float] = {}
+        self._early_events: dict[int, list[p.JobEvent]] = {}
         self.proc_caps: dict[tuple[int, int], Capabilities] = {}
 
     # -- start-up: adopt the jobs a previous daemon left running ---------------------------------------
@@ -221,7 +222,8 @@ class JobService:
         return p.Ok()
 
     async def handle_job_list(self, node: int, msg: p.JobList, payload):
-        return p.Ok(result={"jobs": await self.local_listing(msg.uid)})
+        version = self.version      # before the listing: an event after it is newer than the list
+        return p.Ok(result={"jobs": await self.local_listing(msg.uid), "version": version})
 
     async def handle_job_wait(self, node: int, msg: p.JobWait, payload):
         return p.Ok(result={"status": await self.wait_local(msg.gpid)})
@@ -281,13 +283,16 @@ class JobService:
             if wait > 0:
                 await asyncio.sleep(wait)
             self._last_refresh[node] = time.monotonic()
-            jobs = (await self.d.transport.request(node, p.JobList(), timeout=LIST_TIMEOUT))["jobs"]
-            self._remember(node, jobs)
-            self._seen[node] = version
+            reply = await self.d.transport.request(node, p.JobList(), timeout=LIST_TIMEOUT)
+            self._remember(node, reply["jobs"])
+            self._seen[node] = reply["version"]
         except KrgError as e:
             log.debug("could not re-read node %d's jobs: %s", node, e)
         finally:
             self._refreshing.discard(node)
+        # Deltas that came while we read: those past the list's version still apply, in order.
+        for event in sorted(self._early_events.pop(node, []), key=lambda e: e.version):
+            self._apply_event(node, event)
 
     def _remember(self, node: int, jobs: list[dict]) -> None:
         self.known = {g: e for g, e in self.known.items() if e["node"] != node}
@@ -314,7 +319,16 @@ class JobService:
         return {**_entry(record), "state": state, "cpu_time": 0.0, "rss": 0, "nprocs": 0}
 
     async def handle_job_event(self, node: int, msg: p.JobEvent, payload):
-        if self._seen.get(node) != msg.version - 1:
+        if node in self._refreshing:
+            self._early_events.setdefault(node, []).append(msg)
+            return
+        self._apply_event(node, msg)
+
+    def _apply_event(self, node: int, msg: p.JobEvent) -> None:
+        seen = self._seen.get(node)
+        if seen is not None and msg.version <= seen:
+            return                                      # the list we read already has it
+        if seen != msg.version - 1:
             self.peer_version(node, msg.version)        # we missed one: read the whole list
             return
         self._seen[node] = msg.version
@@ -421,6 +435,7 @@ class JobService:
         images.mkdir(mode=0o700)
         t0 = time.monotonic()
         job.hold()
+        # The job does not run from the dump's start to the restore's end: that is its downtime.
         try:
             # A pty's slave is inherited at restore: the master stays with the shepherd.
             external = [criu.fd_key(record.host_pid, 0)] if record.tty else []
@@ -437,8 +452,10 @@ class JobService:
         names = sorted(f.name for f in images.iterdir())
         moved = JobRecord.from_dict(record.to_dict())
         moved.status = None
+        t_dumped = time.monotonic()
         try:
             await self._send_images(msg.target, msg.gpid, images, names)
+            t_sent = time.monotonic()
             await self.d.request_unless_down(
                 msg.target, p.JobRestore(record=moved.to_dict(), files=names, window=job.credit),
                 timeout=MIGRATION_TIMEOUT)
@@ -457,11 +474,12 @@ class JobService:
         _remove_dir(images)
         _remove_dir(job.job_dir)
         self._changed(msg.gpid)
-        took = time.monotonic() - t0
-        log.info("job %d migrated to node %d in %.3f s (frozen %.3f s)", msg.gpid, msg.target, took,
-                 (stats.frozen_time or 0) / 1e6)
-        return {"gpid": msg.gpid, "node": msg.target, "seconds": took,
-                "frozen_s": (stats.frozen_time or 0) / 1e6}
+        done = time.monotonic()
+        times = {"downtime_s": done - t0, "dump_s": t_dumped - t0, "transfer_s": t_sent - t_dumped,
+                 "restore_s": done - t_sent, "criu_frozen_s": (stats.frozen_time or 0) / 1e6}
+        log.info("job %d migrated to node %d: down %.3f s (dump %.3f, transfer %.3f, restore %.3f)",
+                 msg.gpid, msg.target, times["downtime_s"], times["dump_s"], times["transfer_s"], times["restore_s"])
+        return {"gpid": msg.gpid, "node": msg.target, **times}
 
     async def _send_images(self, target: int, gpid: int, images: Path, names: list[str]) -> None:
         """The images, piece by piece: one piece in memory at a time, each acknowledged before
@@ -527,6 +545,7 @@ class JobService:
         return p.Ok(result={"node": self.me})
 
     async def _restore_here(self, record: JobRecord, images: Path, sink, window: int) -> HostedJob:
+        self.d.home.run_dir(record.node).mkdir(parents=True, exist_ok=True)     # the init's cwd
         job_dir = images.parent
         ctl = job_dir / "ctl.sock"
         await spawn_restore(record, images, ctl)

@@ -8,16 +8,10 @@ shepherds (orphaned by their launcher) are its children and are reaped here. Eve
 at the end, with pgrep and by PID namespace, that nothing it started is left.
 docs/criu-notes.md explains the behaviours asserted here.
 """
-import ctypes
 import os
 import re
-import select
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,25 +21,13 @@ from checkpoint import criu
 from checkpoint.store import (CheckpointCorrupted, CheckpointNotFound, JobMeta, Store,
                               format_description, parse_description)
 from kerrighed.errors import KrgError
+from krg_init_driver import (TICKER, Lab, children, drain, kill_all, mark, nspids, numbers,
+                             proc_stat, read_to_eof, read_until)
+# Fixtures: pytest finds them by name in this module (criu_ready requests as_root).
+from krg_init_driver import as_root, criu_ready, krg_init, subreaper  # noqa: F401
 
-ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "csrc" / "krg-init.c"
-BINARY = ROOT / "kerrighed" / "libexec" / "krg-init"
-TIMEOUT = 10.0
-PR_SET_CHILD_SUBREAPER = 36
 COUNTER = "i=0; while :; do echo $i; i=$((i+1)); sleep 0.02; done"
-
-
-def _criu_mark():
-    # pyproject.toml registers the project's markers; a run from elsewhere may not read it
-    # (pytest runs with warnings as errors, and an unknown mark is a warning).
-    config = getattr(pytest.mark, "_config", None)
-    if config is not None and not any(m.split(":")[0] == "criu" for m in config.getini("markers")):
-        config.addinivalue_line("markers", "criu: real CRIU dumps and restores (root, CRIU 4)")
-    return pytest.mark.criu
-
-
-criu_test = _criu_mark()
+criu_test = mark("criu", "real CRIU dumps and restores (root, CRIU 4)")
 
 
 # ---- the store (no CRIU, no root) -----------------------------------------------------------
@@ -130,247 +112,22 @@ def test_criu_binary_and_missing_criu(monkeypatch, tmp_path):
 # ---- CRIU: fixtures and helpers -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def criu_ready():
-    if os.geteuid() != 0:
-        pytest.skip("CRIU dumps and restores need root")
-    if not os.access(criu.criu_binary(), os.X_OK):
-        pytest.skip(f"no CRIU binary at {criu.criu_binary()} (make install builds CRIU 4)")
-    if not criu.check():
-        pytest.skip(f"CRIU's check failed here ({criu.criu_binary()}): kernel or CRIU too old")
-
-
-@pytest.fixture(scope="module")
-def krg_init():
-    if not BINARY.exists() or BINARY.stat().st_mtime < SOURCE.stat().st_mtime:
-        if shutil.which("cc") is None or shutil.which("make") is None:
-            pytest.skip("no C compiler or make to build csrc/krg-init.c")
-        r = subprocess.run(["make", "-C", str(ROOT), "native"], capture_output=True, text=True)
-        assert r.returncode == 0, f"make native failed:\n{r.stdout}{r.stderr}"
-    return str(BINARY)
-
-
-@pytest.fixture(scope="module")
-def subreaper():
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        pytest.skip(f"cannot become a child subreaper: {os.strerror(ctypes.get_errno())}")
-    yield
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-
-
-def wait_for(cond, what, timeout=TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-    return value
-
-
-def read_until(fd, pred, what, timeout=TIMEOUT):
-    """Read fd until pred(everything read) holds; EOF or a pty's EIO before that fails."""
-    out, deadline = b"", time.monotonic() + timeout
-    while not pred(out):
-        left = deadline - time.monotonic()
-        assert left > 0 and select.select([fd], [], [], left)[0], f"timeout waiting for {what}: {out!r}"
-        try:
-            data = os.read(fd, 65536)
-        except OSError:
-            data = b""
-        assert data, f"EOF waiting for {what}: {out!r}"
-        out += data
-    return out
-
-
-def read_to_eof(fd, timeout=TIMEOUT):
-    out = b""
-    while True:
-        assert select.select([fd], [], [], timeout)[0], f"no EOF on fd {fd} after {timeout} s"
-        data = os.read(fd, 65536)
-        if not data:
-            return out
-        out += data
-
-
-def drain(fd):
-    out = b""
-    while select.select([fd], [], [], 0)[0]:
-        try:
-            data = os.read(fd, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        out += data
-    return out
-
-
-def numbers(data: bytes) -> list[int]:
-    return [int(x) for x in data.split()]
-
-
-def proc_stat(pid):
-    """(state, ppid, pgrp, session, tty_nr) of a live pid."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    f = text[text.rindex(")") + 2:].split()
-    return f[0], int(f[1]), int(f[2]), int(f[3]), int(f[4])
-
-
-def _alive(pid) -> bool:
-    try:
-        return proc_stat(pid)[0] != "Z"
-    except OSError:
-        return False
-
-
-def nspids(pid) -> list[int]:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("NSpid:"):
-            return [int(x) for x in line.split()[1:]]
-    raise AssertionError(f"no NSpid for {pid}")
-
-
-def children(pid) -> list[int]:
-    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-class Job:
-    """A krg-init job, launched as krgd launches it, and the control connection to it."""
-
-    def __init__(self, binary, tmp, argv, opts):
-        self.ctl = os.path.join(tmp, "ctl")
-        env = b"PATH=/usr/bin:/bin\0"
-        # cwd: C1 keeps the launcher's. CRIU's parasite makes a directory `proc.crtools` there
-        # during a dump (docs/criu-notes.md): jobs dumped at the same time need different ones.
-        r = subprocess.run([binary, "--ctl", self.ctl, "--env-stdin", *opts, "--", *argv],
-                           input=env, capture_output=True, timeout=TIMEOUT, cwd=tmp)
-        assert r.returncode == 0, r.stderr
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(self.ctl)
-        data, self.fds, flags, _ = socket.recv_fds(self.sock, 4096, 3)
-        assert not flags & socket.MSG_CTRUNC
-        hello, _, self.buf = data.partition(b"\n")
-        word, pid, n = hello.split()
-        assert word == b"hello" and int(n) == len(self.fds), hello
-        self.c1 = int(pid)
-        # The launcher has exited: its orphan, the shepherd, is our child (we are a subreaper).
-        self.shepherd = proc_stat(self.c1)[1]
-        assert proc_stat(self.shepherd)[1] == os.getpid()
-
-    def keys(self, fds=range(4)):
-        """The CRIU inherit-fd keys of C1's fds, taken before the dump."""
-        return {fd: criu.fd_key(self.c1, fd) for fd in fds}
-
-    def line(self):
-        while b"\n" not in self.buf:
-            data = self.sock.recv(4096)
-            assert data, "the shepherd closed the control connection"
-            self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line.decode()
-
-    def finish(self):
-        """The exit line, ack, and the shepherd reaped (it must exit 0)."""
-        line = self.line()
-        self.sock.sendall(b"ack\n")
-        _, status = os.waitpid(self.shepherd, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        self.shepherd = None
-        return line
-
-    def close(self):
-        """Teardown: whatever state the test left the job in."""
-        if self.shepherd is not None:
-            try:
-                os.kill(self.c1, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                self.finish()
-            except (AssertionError, OSError):
-                os.kill(self.shepherd, signal.SIGKILL)
-                os.waitpid(self.shepherd, 0)
-                self.shepherd = None
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-        self.sock.close()
-
-
-class Jobs:
-    """Starts jobs and restores trees for one test; cleans up everything after it."""
+class Jobs(Lab):
+    """Starts jobs (shell() and python()) and restores trees with CRIU alone for one test;
+    cleans up everything after it."""
 
     def __init__(self, binary):
-        self.binary = binary
-        self.tmp = tempfile.mkdtemp(prefix="krgck-", dir="/tmp")  # the marker pgrep looks for
-        self.jobs, self.restored = [], []
-        self.n = 0
-
-    def start(self, argv, *opts):
-        self.n += 1
-        tmp = os.path.join(self.tmp, f"j{self.n}")
-        os.mkdir(tmp)
-        job = Job(self.binary, tmp, argv, opts)
-        self.jobs.append(job)
-        return job
-
-    def shell(self, script, *opts):
-        # sh -c SCRIPT NAME: NAME ($0) puts the marker in the program's command line too.
-        return self.start(["/bin/sh", "-c", script, self.tmp], *opts)
-
-    def python(self, program, *opts):
-        return self.start([sys.executable, "-c", program, self.tmp], *opts)
-
-    def images(self, name="img"):
-        path = os.path.join(self.tmp, name)
-        os.mkdir(path)
-        return path
+        super().__init__(binary, "krgck-")
+        self.restored = []
 
     def restore(self, images, **kw):
         pid = criu.restore(images, **kw)
         self.restored.append(pid)
         return pid
 
-    def leftovers(self):
-        """Live processes of ours, by command line (pgrep -f the marker). Every C1 (krg-init's
-        argv names the control socket under the marker) and every program (the marker is one
-        of its arguments) is found; the rest of a job lives in C1's PID namespace and dies with
-        it. (PID namespace inodes cannot be used to find them: the kernel reuses them.)"""
-        r = subprocess.run(["pgrep", "-f", self.tmp], capture_output=True, text=True)
-        return {pid for pid in map(int, r.stdout.split()) if _alive(pid)}
-
     def close(self):
-        for pid in self.restored:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        for job in self.jobs:
-            job.close()
-        try:
-            wait_for(lambda: not self.leftovers(), "no process of ours left", 5)
-        except AssertionError:
-            left = self.leftovers()
-            desc = {}
-            for pid in left:
-                try:
-                    desc[pid] = (proc_stat(pid), Path(f"/proc/{pid}/cmdline").read_bytes()[:100])
-                except OSError as e:
-                    desc[pid] = str(e)
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            raise AssertionError(f"processes left behind: {desc}") from None
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        kill_all(self.restored)  # our children: no shepherd of theirs to end them
+        super().close()
 
 
 @pytest.fixture
@@ -549,17 +306,6 @@ def test_job_of_another_user(jobs):
         os.close(fd)
 
 
-TICKER = r"""
-import os, select, sys
-n = 0
-while True:
-    if select.select([0], [], [], 0.02)[0]:
-        print("got", os.read(0, 100).decode().strip(), flush=True)
-    print("tick", n, flush=True)
-    n += 1
-"""
-
-
 @criu_test
 def test_pty_job(jobs):
     job = jobs.python(TICKER, "--pty")
@@ -592,7 +338,7 @@ def test_pty_job(jobs):
         os.close(new_slave)
         os.close(s_w)
     read_until(new_master, lambda out: b"tick" in out, "ticks on the new pty")
-    _, ppid, _, session, tty_nr = proc_stat(pid)
+    _, ppid, _, session, tty_nr, _ = proc_stat(pid)
     # C1: our child, a session leader, with the new pty as its controlling terminal.
     assert (ppid, session, tty_nr) == (os.getpid(), pid, rdev)
     os.write(new_master, b"hello\n")

@@ -5,14 +5,10 @@ The test process makes itself a child subreaper for this module, so that the she
 when their launcher exits) become its children: every test then reaps its shepherd and checks it
 exited 0, and no zombie is left for PID 1 to collect.
 """
-import ctypes
-import errno
 import hashlib
 import os
-import select
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import tempfile
@@ -22,11 +18,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "csrc" / "krg-init.c"
-BINARY = ROOT / "kerrighed" / "libexec" / "krg-init"
-TIMEOUT = 10.0
-PR_SET_CHILD_SUBREAPER = 36
+from krg_init_driver import (TIMEOUT, Shepherd, end_jobs, live_pids_with, proc_stat, read_some,
+                             read_to_eof, read_until, wait_for)
+from krg_init_driver import krg_init, subreaper  # noqa: F401 (fixtures: pytest finds them here)
 
 
 def needs_root(test):
@@ -35,204 +29,18 @@ def needs_root(test):
     return pytest.mark.root(skip(test))
 
 
-def wait_for(cond, what, timeout=TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
-def read_some(fd, size=65536, timeout=TIMEOUT):
-    """os.read that fails the test instead of hanging it; b"" at EOF (and at a pty's EIO)."""
-    ready, _, _ = select.select([fd], [], [], timeout)
-    assert ready, f"nothing to read on fd {fd} for {timeout} s"
-    try:
-        return os.read(fd, size)
-    except OSError as e:
-        if e.errno != errno.EIO:  # a pty master once the job is gone
-            raise
-        return b""
-
-
-def proc_stat(pid):
-    """(state, ppid, pgrp, session, tty_nr, tpgid) of pid, or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return (fields[0],) + tuple(int(f) for f in fields[1:6])
-
-
-def live_pids_with(marker: bytes):
-    """{pid: ppid} of the live processes whose command line holds marker. The shepherd and C1
-    keep the launcher's argv (they never exec), so a job's unique control socket path finds
-    them all."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        st = proc_stat(entry)
-        if marker in cmdline and st and st[0] != "Z":
-            found[int(entry)] = st[1]
-    return found
-
-
-def kill_all(marker: bytes):
-    """The last resort after a failure: SIGKILL what is left and reap what is ours."""
-    pids = live_pids_with(marker)
-    for pid in sorted(pids, key=lambda p: pids[p] != os.getpid()):  # the shepherd first
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-
-
-@pytest.fixture(scope="module")
-def krg_init():
-    if not BINARY.exists() or BINARY.stat().st_mtime < SOURCE.stat().st_mtime:
-        if shutil.which("cc") is None or shutil.which("make") is None:
-            pytest.skip("no C compiler or make to build csrc/krg-init.c")
-        r = subprocess.run(["make", "-C", str(ROOT), "native"], capture_output=True, text=True)
-        assert r.returncode == 0, f"make native failed:\n{r.stdout}{r.stderr}"
-    return str(BINARY)
-
-
-@pytest.fixture(scope="module")
-def subreaper():
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        pytest.skip(f"cannot become a child subreaper: {os.strerror(ctypes.get_errno())}")
-    yield
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-
-
-class Conn:
-    """One connection to a shepherd: hello's pid and fds, then lines."""
-
-    def __init__(self, ctl):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(ctl)
-        data, self.fds, flags, _ = socket.recv_fds(self.sock, 4096, 3)
-        assert not flags & socket.MSG_CTRUNC
-        hello, _, self.buf = data.partition(b"\n")
-        word, pid, n = hello.split()
-        assert word == b"hello" and int(n) == len(self.fds), hello
-        self.pid = int(pid)
-
-    def line(self):
-        while b"\n" not in self.buf:
-            data = self.sock.recv(4096)
-            assert data, "shepherd closed the connection"
-            self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line.decode()
-
-    def send(self, line):
-        self.sock.sendall(line.encode() + b"\n")
-
-    def close_fd(self, i):
-        if self.fds[i] >= 0:
-            os.close(self.fds[i])
-            self.fds[i] = -1
-
-    def close(self):
-        for i in range(len(self.fds)):
-            self.close_fd(i)
-        self.sock.close()
-
-
-class Job:
-    """One krg-init job, started as krgd starts it: the launcher as a short subprocess."""
+class Job(Shepherd):
+    """A job in its own temp dir, read as text."""
 
     def __init__(self, tmp):
-        self.ctl = os.path.join(tmp, "ctl")
-        self.log_path = os.path.join(tmp, "shepherd.log")
-        self.shepherd = None
-        self.conns = []
-
-    def run_launcher(self, binary, argv, opts, stderr=None, **kw):
-        if "input" not in kw:
-            kw["stdin"] = subprocess.DEVNULL
-        with open(self.log_path, "w") as log:
-            # stderr to a file by default: the shepherd keeps it for its diagnostics.
-            return subprocess.run([binary, "--ctl", self.ctl, *opts, "--", *argv],
-                                  stdout=subprocess.PIPE, stderr=stderr or log,
-                                  timeout=TIMEOUT, **kw)
-
-    def launch(self, binary, argv, opts, **kw):
-        r = self.run_launcher(binary, argv, opts, **kw)
-        assert r.returncode == 0, self.log()
-        assert r.stdout == b""  # the shepherd must not hold the launcher's stdout either
-        # The launcher is gone, so its orphan the shepherd is now our child (we are a subreaper).
-        mine = [p for p, ppid in live_pids_with(self.ctl.encode()).items() if ppid == os.getpid()]
-        assert len(mine) == 1, mine
-        self.shepherd = mine[0]
-        self.conn = self.connect()
-        return self
-
-    def log(self):
-        return Path(self.log_path).read_text()
-
-    def connect(self):
-        conn = Conn(self.ctl)
-        self.conns.append(conn)
-        return conn
+        super().__init__(os.path.join(tmp, "ctl"), os.path.join(tmp, "shepherd.log"))
 
     def read_all(self, i=1, conn=None):
         """Read fds[i] of conn to EOF (a pty master says EIO once the job is gone)."""
-        fd, out = (conn or self.conn).fds[i], b""
-        while data := read_some(fd):
-            out += data
-        return out.decode()
+        return read_to_eof((conn or self.conn).fds[i]).decode()
 
     def read_until(self, text, i=1):
-        fd, out = self.conn.fds[i], b""
-        while text.encode() not in out:
-            data = read_some(fd)
-            assert data, f"EOF before {text!r}; got {out!r}"
-            out += data
-        return out.decode()
-
-    def finish(self, conn=None):
-        """The exit line, then ack; the shepherd must exit 0 and remove its socket."""
-        conn = conn or self.conn
-        line = conn.line()
-        conn.send("ack")
-        self.reap()
-        assert not os.path.exists(self.ctl)
-        return line
-
-    def reap(self, timeout=TIMEOUT):
-        def exited():
-            pid, status = os.waitpid(self.shepherd, os.WNOHANG)
-            return [status] if pid else None  # a list: status 0 must count as done
-        [status] = wait_for(exited, "the shepherd to exit", timeout)
-        self.shepherd = None
-        assert os.waitstatus_to_exitcode(status) == 0, self.log()
-
-    def close(self):
-        for conn in self.conns:
-            conn.close()
-
-    def end(self):
-        """For a test that did not finish its job: kill it, take the exit line, ack."""
-        conn = self.connect()
-        try:
-            os.kill(conn.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.finish(conn)
+        return read_until(self.conn.fds[i], lambda out: text.encode() in out, repr(text)).decode()
 
 
 @pytest.fixture
@@ -248,15 +56,9 @@ def start(krg_init, subreaper):
     yield start
     leftovers = []
     for job in jobs:
-        job.close()
+        # Each job has a dir of its own (some tests choose it), so the marker is its socket path.
         marker = job.ctl.encode()
-        try:
-            if job.shepherd is not None:
-                job.end()
-            wait_for(lambda: not live_pids_with(marker), "the job's processes to go away", 5)
-        except Exception as e:
-            leftovers.append(f"{job.ctl}: {e}")
-            kill_all(marker)
+        leftovers += end_jobs([job], lambda: live_pids_with(marker))
         shutil.rmtree(os.path.dirname(job.ctl), ignore_errors=True)
     assert not leftovers
 

@@ -9,268 +9,57 @@ their launchers) are its children and are reaped here, and every test ends by ch
 pgrep that nothing under its unique temp dir is left (the dir is in every krg-init's argv, the
 control sockets, and in every program's: `sh -c SCRIPT DIR`; restored processes keep theirs).
 """
-import ctypes
 import os
 import re
-import select
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from checkpoint import criu
+from krg_init_driver import (TICKER, TIMEOUT, Lab, Shepherd, alive, children, mark, nspids,
+                             numbers, proc_stat, read_to_eof, read_until, wait_for)
+# Fixtures: pytest finds them by name in this module (criu_ready requests as_root).
+from krg_init_driver import as_root, criu_ready, krg_init, subreaper  # noqa: F401
 
-ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "csrc" / "krg-init.c"
-BINARY = ROOT / "kerrighed" / "libexec" / "krg-init"
 RESTORER = [sys.executable, "-m", "checkpoint.restorer"]  # .venv/bin/python under `make test`
-TIMEOUT = 10.0
-PR_SET_CHILD_SUBREAPER = 36
 COUNTER = "i=0; while :; do echo $i; i=$((i+1)); sleep 0.05; done"
 
-
-def _mark(name, text):
-    # pyproject.toml registers the markers; a run from elsewhere may not read it (pytest runs
-    # with warnings as errors, and an unknown mark is a warning).
-    config = getattr(pytest.mark, "_config", None)
-    if config is not None and not any(m.split(":")[0] == name for m in config.getini("markers")):
-        config.addinivalue_line("markers", f"{name}: {text}")
-    return getattr(pytest.mark, name)
+criu_test = mark("criu", "real CRIU dumps and restores (root, CRIU 4)")
+root_test = mark("root", "needs root (setuid to other users, privileged operations)")
 
 
-criu_test = _mark("criu", "real CRIU dumps and restores (root, CRIU 4)")
-root_test = _mark("root", "needs root (setuid to other users, privileged operations)")
-
-
-# ---- fixtures ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def as_root():
-    if os.geteuid() != 0:
-        pytest.skip("krg-init jobs and CRIU restores need root")
-
-
-@pytest.fixture(scope="module")
-def criu_ready(as_root):
-    if not os.access(criu.criu_binary(), os.X_OK):
-        pytest.skip(f"no CRIU binary at {criu.criu_binary()} (make install builds CRIU 4)")
-    if not criu.check():
-        pytest.skip(f"CRIU's check failed here ({criu.criu_binary()}): kernel or CRIU too old")
-
-
-@pytest.fixture(scope="module")
-def krg_init():
-    if not BINARY.exists() or BINARY.stat().st_mtime < SOURCE.stat().st_mtime:
-        if shutil.which("cc") is None or shutil.which("make") is None:
-            pytest.skip("no C compiler or make to build csrc/krg-init.c")
-        r = subprocess.run(["make", "-C", str(ROOT), "native"], capture_output=True, text=True)
-        assert r.returncode == 0, f"make native failed:\n{r.stdout}{r.stderr}"
-    return str(BINARY)
-
-
-@pytest.fixture(scope="module")
-def subreaper():
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        pytest.skip(f"cannot become a child subreaper: {os.strerror(ctypes.get_errno())}")
-    yield
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-
-
-# ---- helpers -------------------------------------------------------------------------------
-
-
-def wait_for(cond, what, timeout=TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-    return value
-
-
-def read_until(fd, pred, what, timeout=TIMEOUT):
-    """Read fd until pred(everything read) holds; EOF (or a pty's EIO) before that fails."""
-    out, deadline = b"", time.monotonic() + timeout
-    while not pred(out):
-        left = deadline - time.monotonic()
-        assert left > 0 and select.select([fd], [], [], left)[0], f"timeout waiting for {what}: {out!r}"
-        try:
-            data = os.read(fd, 65536)
-        except OSError:
-            data = b""
-        assert data, f"EOF waiting for {what}: {out!r}"
-        out += data
-    return out
-
-
-def read_to_eof(fd, timeout=TIMEOUT):
-    out = b""
-    while True:
-        assert select.select([fd], [], [], timeout)[0], f"no EOF on fd {fd} after {timeout} s"
-        try:
-            data = os.read(fd, 65536)
-        except OSError:  # a pty master once the job is gone
-            data = b""
-        if not data:
-            return out
-        out += data
-
-
-def numbers(data: bytes) -> list[int]:
-    return [int(x) for x in data.split()]
-
-
-def proc_stat(pid):
-    """(state, ppid, pgrp, session, tty_nr) of pid, or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    f = text[text.rindex(")") + 2:].split()
-    return f[0], int(f[1]), int(f[2]), int(f[3]), int(f[4])
-
-
-def alive(pid) -> bool:
-    st = proc_stat(pid)
-    return st is not None and st[0] != "Z"
-
-
-def nspids(pid) -> list[int]:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("NSpid:"):
-            return [int(x) for x in line.split()[1:]]
-    raise AssertionError(f"no NSpid for {pid}")
-
-
-def children(pid) -> list[int]:
-    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-class Job:
-    """One shepherd's job seen through its control socket: hello's pid and fds, lines, ack."""
-
-    def __init__(self, ctl, log):
-        self.ctl, self.log = ctl, log
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(ctl)
-        data, self.fds, flags, _ = socket.recv_fds(self.sock, 4096, 3)
-        assert not flags & socket.MSG_CTRUNC
-        hello, _, self.buf = data.partition(b"\n")
-        word, pid, n = hello.split()
-        assert word == b"hello" and int(n) == len(self.fds), hello
-        self.c1 = int(pid)
-        # The launcher has exited: its orphan the shepherd is our child (we are a subreaper),
-        # and C1 is the shepherd's.
-        self.shepherd = proc_stat(self.c1)[1]
-        assert ctl.encode() in Path(f"/proc/{self.shepherd}/cmdline").read_bytes()
-        assert proc_stat(self.shepherd)[1] == os.getpid()
-
-    def line(self):
-        while b"\n" not in self.buf:
-            data = self.sock.recv(4096)
-            assert data, "the shepherd closed the control connection"
-            self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line.decode()
-
-    def send(self, line):
-        self.sock.sendall(line.encode() + b"\n")
-
-    def close_fd(self, i):
-        if self.fds[i] >= 0:
-            os.close(self.fds[i])
-            self.fds[i] = -1
-
-    def finish(self):
-        """The exit line, ack; the shepherd exits 0 and removes its socket."""
-        line = self.line()
-        self.send("ack")
-        _, status = os.waitpid(self.shepherd, 0)
-        self.shepherd = None
-        assert os.waitstatus_to_exitcode(status) == 0, Path(self.log).read_text()
-        assert not os.path.exists(self.ctl)
-        return line
-
-    def close(self):
-        """Teardown: whatever state the test left the job in."""
-        if self.shepherd is not None:
-            if alive(self.c1) and proc_stat(self.c1)[1] == self.shepherd:
-                os.kill(self.c1, signal.SIGKILL)
-            try:
-                self.finish()
-            except (AssertionError, OSError):
-                os.kill(self.shepherd, signal.SIGKILL)
-                os.waitpid(self.shepherd, 0)
-                self.shepherd = None
-        for i in range(len(self.fds)):
-            self.close_fd(i)
-        self.sock.close()
-
-
-class Lab:
+class RestoreLab(Lab):
     """Starts, dumps and restores jobs for one test under one temp dir; cleans up after it."""
 
     def __init__(self, binary):
-        self.binary = binary
-        self.tmp = tempfile.mkdtemp(prefix="krgrs-", dir="/tmp")  # the marker pgrep looks for
-        self.jobs = []
-        self.n = 0
-
-    def path(self, name):
-        self.n += 1
-        return os.path.join(self.tmp, f"{name}{self.n}")
+        super().__init__(binary, "krgrs-")
 
     def start(self, script, *opts):
-        """A job under a normal krg-init, in its own cwd (C1 keeps the launcher's: CRIU's
-        parasite makes `proc.crtools` there during a dump)."""
-        cwd = self.path("j")
-        os.mkdir(cwd)
-        ctl, log = os.path.join(cwd, "ctl"), os.path.join(self.tmp, f"log{self.n}")
-        with open(log, "w") as err:
-            r = subprocess.run([self.binary, "--ctl", ctl, "--env-stdin", *opts, "--",
-                                "/bin/sh", "-c", script, self.tmp],
-                               input=b"PATH=/usr/bin:/bin\0", stdout=subprocess.PIPE, stderr=err,
-                               timeout=TIMEOUT, cwd=cwd)
-        assert r.returncode == 0, Path(log).read_text()
-        return self._connect(ctl, log)
+        """A job under a normal krg-init, `sh -c SCRIPT DIR`."""
+        return self.shell(script, *opts)
 
-    def _connect(self, ctl, log):
-        job = Job(ctl, log)
-        self.jobs.append(job)
-        return job
-
-    def images(self):
-        path = self.path("img")
-        os.mkdir(path)
-        return path
+    def _restoring(self):
+        """The job a `krg-init --restore` makes: a new socket, and a log that the shepherd keeps
+        for its (and the restorer's) stderr."""
+        return Shepherd(self.path("ctl"), self.path("restore-log"))
 
     def run_restore(self, *opts, restorer, stderr=subprocess.PIPE, env=None):
         """`krg-init --ctl NEW [opts] --restore -- RESTORER...`: (CompletedProcess, ctl)."""
-        ctl = self.path("ctl")
-        r = subprocess.run([self.binary, "--ctl", ctl, *opts, "--restore", "--", *restorer],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-                           timeout=TIMEOUT + 30, cwd=self.tmp, env=env)
-        return r, ctl
+        job = self._restoring()
+        r = job.run_launcher(self.binary, restorer, [*opts, "--restore"], stderr=stderr, env=env,
+                             timeout=TIMEOUT + 30, cwd=self.tmp)
+        return r, job.ctl
 
     def restore(self, images, *opts, restorer_args=(), restorer=None, env=None):
-        """A successful restore under a new shepherd, connected: the new Job."""
-        log = self.path("restore-log")
-        with open(log, "w") as err:  # the shepherd keeps it for its (and the restorer's) stderr
-            r, ctl = self.run_restore(
-                *opts, restorer=restorer or [*RESTORER, "--images", images, *restorer_args],
-                stderr=err, env=env)
-        assert r.returncode == 0, Path(log).read_text()
-        assert r.stdout == b""
-        return self._connect(ctl, log)
+        """A successful restore under a new shepherd, connected: the new job."""
+        job = self._restoring()
+        self.jobs.append(job)
+        return job.launch(self.binary, restorer or [*RESTORER, "--images", images, *restorer_args],
+                          [*opts, "--restore"], env=env, timeout=TIMEOUT + 30, cwd=self.tmp)
 
     def move(self, job, **dump_opts):
         """Dump job (CRIU kills it): its shepherd reports signal 9 and is acked. Returns the
@@ -280,31 +69,10 @@ class Lab:
         assert job.finish() == "exit signal 9"
         return images, read_to_eof(job.fds[1] if len(job.fds) > 1 else job.fds[0])
 
-    def leftovers(self):
-        r = subprocess.run(["pgrep", "-f", self.tmp], capture_output=True, text=True)
-        return {pid for pid in map(int, r.stdout.split()) if alive(pid)}
-
-    def close(self):
-        for job in self.jobs:
-            job.close()
-        try:
-            wait_for(lambda: not self.leftovers(), "no process of ours left", 5)
-        except AssertionError:
-            left = self.leftovers()
-            desc = {p: (proc_stat(p), Path(f"/proc/{p}/cmdline").read_bytes()[:120]) for p in left}
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            raise AssertionError(f"processes left behind: {desc}") from None
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
 
 @pytest.fixture
 def lab(criu_ready, krg_init, subreaper):
-    lab = Lab(krg_init)
+    lab = RestoreLab(krg_init)
     yield lab
     lab.close()
 
@@ -312,7 +80,7 @@ def lab(criu_ready, krg_init, subreaper):
 @pytest.fixture
 def bare_lab(as_root, krg_init, subreaper):
     """For restores that fail before CRIU is ever asked."""
-    lab = Lab(krg_init)
+    lab = RestoreLab(krg_init)
     yield lab
     lab.close()
 
@@ -365,7 +133,7 @@ def test_counter_moves_to_a_new_shepherd(lab):
     # have exited. So the new stdout and stderr end with the job.
     read_to_eof(new.fds[1])
     assert read_to_eof(new.fds[2]) == b""
-    assert Path(new.log).read_text() == ""  # no diagnostics from the shepherd or the restorer
+    assert new.log() == ""  # no diagnostics from the shepherd or the restorer
 
 
 @criu_test
@@ -416,17 +184,6 @@ def test_job_of_another_user_with_an_empty_environment(lab):
     assert before + after == list(range(len(before) + len(after)))
     os.kill(new.c1, signal.SIGTERM)
     assert new.finish() == "exit signal 15"
-
-
-TICKER = r"""
-import os, select, sys
-n = 0
-while True:
-    if select.select([0], [], [], 0.02)[0]:
-        print("got", os.read(0, 100).decode().strip(), flush=True)
-    print("tick", n, flush=True)
-    n += 1
-"""
 
 
 @criu_test
