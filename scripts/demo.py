@@ -1,4 +1,5 @@
-"""The demo: a 3-node Kerrighed cluster on this machine's loopback addresses, shown working.
+"""The demo: a 3-node Kerrighed cluster on this machine's loopback addresses, shown working:
+programs launched on it, listed, migrated; a node leaving, dying and coming back.
 
 It runs the real commands as a user would type them, prints each one and its output, and stops
 the cluster at the end (--keep leaves it running, in the home it prints).
@@ -7,6 +8,7 @@ the cluster at the end (--keep leaves it running, in the home it prints).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -65,6 +67,23 @@ def main() -> int:
         sh("krg", "info")
         sh("krg", "ping", str(last), "-c", "20")
 
+        print("\n== Unmodified programs run where the scheduler puts them, as if here")
+        sh("krg", "run", "--", "sh", "-c", "echo hello from a job: pid $$ in its own namespace, uid $(id -u)")
+        data = os.urandom(8 << 20)
+        r = subprocess.run([str(BIN / "krg"), "run", "-n", "2", "sha256sum"], input=data, capture_output=True)
+        print(f"\n$ head -c 8M /dev/urandom | krg run -n 2 sha256sum\n{r.stdout.decode().strip()}"
+              f"   (locally: {hashlib.sha256(data).hexdigest()[:16]}...)")
+        counter = "i=0; while :; do i=$((i+1)); sleep 0.5; done"
+        gpid = sh("krg", "run", "-d", "-n", "2", "sh", "-c", counter).stdout.split()[-1]
+        sh("krg", "run", "-d", "sleep", "600")
+        sh("krg", "ps")
+
+        print(f"\n== A running job moves to node {last} (CRIU), keeping its global PID")
+        sh("krgcapset", "-k", gpid, "-e", "+CAN_MIGRATE")
+        sh("migrate", gpid, str(last))
+        sh("krg", "ps", "-n", str(last))
+        sh("krg", "kill", gpid)
+
         print(f"\n== Node {last} leaves the cluster, stays present, and comes back")
         sh("krgadm", "nodes", "del", "-n", str(last))
         sh("krgadm", "nodes", "status")
@@ -78,9 +97,10 @@ def main() -> int:
         sh("krgadm", "cluster", "status")
         sh("krgadm", "nodes", "status")
 
-        print(f"\n== Its daemon restarts and rejoins")
+        print("\n== Its daemon restarts and, having crashed out of the cluster, rejoins by itself")
         sh("krgd", "--node", str(last), "--detach", "--log-file", f"{args.home}/nodes/{last}/krgd.log")
-        sh("krgadm", "nodes", "add", "-n", str(last))
+        took = wait(f"node {last} to rejoin", lambda: node_state(last, 1) == "online")
+        print(f"node {last} back online after {took:.1f} s")
         sh("krgadm", "cluster", "status")
     finally:
         if args.keep:
