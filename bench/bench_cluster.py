@@ -37,6 +37,9 @@ from kerrighed import protocol as p
 from kerrighed.client import Client
 from kerrighed.config import Home
 
+from _harness import krgadm, stop_cluster
+
+
 NODES = 4
 VICTIM = 4
 RUNS = 3
@@ -44,7 +47,6 @@ WARMUP = 50
 POLL = 0.01
 FAILURE_TARGET_S = 3.0
 ECHO_ADDRESS = "127.0.0.21"
-KRGADM = Path(sys.executable).parent / "krgadm"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cluster.json"
 
 # The echo server of the baselines: REP, or ROUTER with CURVE when given a secret key. It exits when
@@ -138,12 +140,6 @@ def measure(home: Home, requests: int, servers: list[subprocess.Popen]) -> dict:
 # -- the cluster --------------------------------------------------------------------------------------
 
 
-def krgadm(home: Home, *args: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("KRG_HOME", "KRG_NODE", "KRG_SOCKET")}
-    r = subprocess.run([str(KRGADM), "--home", str(home.path), *args], env=env, capture_output=True,
-                       text=True, timeout=120)
-    if r.returncode != 0:
-        raise RuntimeError(f"krgadm {' '.join(args)} failed ({r.returncode}): {r.stdout}{r.stderr}".strip())
 
 
 def states(home: Home, node: int = 1) -> dict[int, str]:
@@ -221,12 +217,7 @@ def wait_gone(home: Home, node: int, pid: int, timeout: float = 10) -> None:
 
 def clean_up(home: Home, servers: list[subprocess.Popen]) -> list[str]:
     """Stop every daemon and echo server we started and remove the home; what could not be stopped."""
-    try:
-        krgadm(home, "cluster", "stop")
-    except (RuntimeError, subprocess.TimeoutExpired) as e:
-        print(f"krgadm cluster stop: {e}")
-    for n in localcluster.running_nodes(home):
-        localcluster.stop_daemon(home, n)
+    stop_cluster(home)
     for s in servers:
         stop_server(s)
     leftovers = [f"daemon of node {n}" for n in localcluster.running_nodes(home)]

@@ -88,10 +88,13 @@ from kerrighed.caps import Capabilities
 from kerrighed.cli import krg, krg_run
 from kerrighed.client import Client
 from kerrighed.config import Home
+
 from kerrighed.errors import JobLost, KrgError, NotRunning, ProtocolError
 from kerrighed.ids import make_gpid
 from kerrighed.jobs import JobRecord, tree_stats
 from kerrighed.jobservice import JobService
+
+from _harness import CLEAN_ENV, filesystem_of, krgadm, other_daemons, stop_cluster
 
 NODES = 4
 REMOTE = 2
@@ -99,7 +102,6 @@ BIN = Path(sys.executable).parent
 KRG, KRGADM = BIN / "krg", BIN / "krgadm"
 TRUE = ["/bin/true"]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "launch.json"
-CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("KRG_")}
 SLEEP_ARGV = ["sleep", f"900.{os.getpid()}"]    # a duration unique to this run: pgrep finds leftovers
 IO_TIMEOUT = 30.0           # bound on every single read from a daemon
 WARMUP = 10
@@ -187,30 +189,13 @@ def machine(home: Home) -> dict:
             "other_krgd_at_start": other_daemons(home)}
 
 
-def other_daemons(home: Home) -> int:
-    """Daemons of other clusters on this machine (tests run beside us share the CPUs)."""
-    r = subprocess.run(["pgrep", "-f", "kerrighed.daemon"], capture_output=True, text=True, timeout=10)
-    ours = set(subprocess.run(["pgrep", "-f", str(home.path)], capture_output=True, text=True,
-                              timeout=10).stdout.split())
-    return len(set(r.stdout.split()) - ours)
 
 
-def filesystem_of(path: str) -> str:
-    best = ("", "?")
-    for part in psutil.disk_partitions(all=True):
-        if path.startswith(part.mountpoint) and len(part.mountpoint) > len(best[0]):
-            best = (part.mountpoint, part.fstype)
-    return best[1]
 
 
 # -- the cluster --------------------------------------------------------------------------------------------
 
 
-def krgadm(home: Home, *args: str) -> None:
-    r = subprocess.run([str(KRGADM), "--home", str(home.path), *args], env=CLEAN_ENV, capture_output=True,
-                       text=True, timeout=120)
-    if r.returncode != 0:
-        raise RuntimeError(f"krgadm {' '.join(args)} failed ({r.returncode}): {r.stdout}{r.stderr}".strip())
 
 
 def states(home: Home, node: int) -> dict[int, str]:
@@ -221,12 +206,7 @@ def states(home: Home, node: int) -> dict[int, str]:
 
 def clean_up(home: Home, spawned: list[subprocess.Popen]) -> list[str]:
     """Stop the daemons (and so their jobs) and our own processes, remove the home; what remains."""
-    try:
-        krgadm(home, "cluster", "stop")
-    except (RuntimeError, subprocess.TimeoutExpired) as e:
-        print(f"krgadm cluster stop: {e}")
-    for n in localcluster.running_nodes(home):
-        localcluster.stop_daemon(home, n)
+    stop_cluster(home)
     for proc in spawned:
         stop_process(proc)
     # Shepherds killed by a stopping daemon take a moment to be reaped: wait, boundedly.

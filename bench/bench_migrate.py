@@ -62,6 +62,9 @@ from kerrighed import protocol as p
 from kerrighed.client import Client
 from kerrighed.config import Home
 
+from _harness import CLEAN_ENV, filesystem_of, other_daemons, stop_cluster
+
+
 NODES = 3
 SOURCE, TARGET = 1, 2
 MIB = 1 << 20
@@ -74,7 +77,6 @@ RSS_TOLERANCE = 0.10            # after the move, RSS within this fraction of be
 BIN = Path(sys.executable).parent
 KRG, KRGADM, MIGRATE, KRGCAPSET = BIN / "krg", BIN / "krgadm", BIN / "migrate", BIN / "krgcapset"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "migrate.json"
-CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("KRG_")}
 TAG = f"krgbench-migrate-{os.getpid()}"     # in every job's command line: pgrep finds leftovers
 # The job: SIZE bytes in a bytearray, one byte written in every page (so every page is present and
 # not the zero page: CRIU writes them all), then it sleeps.
@@ -199,20 +201,8 @@ def too_big(mib: int) -> str | None:
     return None
 
 
-def other_daemons(home: Home) -> int:
-    """Daemons of other clusters on this machine (tests run beside us share the CPUs and disk)."""
-    r = subprocess.run(["pgrep", "-f", "kerrighed.daemon"], capture_output=True, text=True, timeout=10)
-    mine = set(subprocess.run(["pgrep", "-f", str(home.path)], capture_output=True, text=True,
-                              timeout=10).stdout.split())
-    return len(set(r.stdout.split()) - mine)
 
 
-def filesystem_of(path: str) -> str:
-    best = ("", "?")
-    for part in psutil.disk_partitions(all=True):
-        if path.startswith(part.mountpoint) and len(part.mountpoint) > len(best[0]):
-            best = (part.mountpoint, part.fstype)
-    return best[1]
 
 
 # -- the cluster --------------------------------------------------------------------------------------------
@@ -252,12 +242,7 @@ def listed(home: Home, gpid: int) -> dict | None:
 
 def clean_up(home: Home, scratch: Path, ours: list[int]) -> list[str]:
     """Stop the daemons (and so their jobs), kill what we started, remove our directories; what remains."""
-    try:
-        krgadm(home, "cluster", "stop")
-    except (RuntimeError, subprocess.TimeoutExpired) as e:
-        print(f"krgadm cluster stop: {e}")
-    for n in localcluster.running_nodes(home):
-        localcluster.stop_daemon(home, n)
+    stop_cluster(home)
     for pid in ours:
         kill_ours(pid)
     # Shepherds killed by a stopping daemon take a moment to be reaped: wait, boundedly.
