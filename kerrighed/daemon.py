@@ -23,6 +23,7 @@ from kerrighed import membership as mb
 from kerrighed import protocol as p
 from kerrighed.config import Home, atomic_write
 from kerrighed.errors import ConfigError, KrgError, NodeDown, NodeStateError, PermissionDenied, Timeout
+from kerrighed.appcheckpoint import AppCheckpoints
 from kerrighed.jobservice import JobService
 from kerrighed.localsock import Caller, LocalServer
 from kerrighed.stats import node_stats
@@ -90,6 +91,7 @@ class Daemon:
         )
         self.transport = Transport(self.cfg, node, public, secret, self.handle_peer)
         self.jobs = JobService(self)
+        self.apps = AppCheckpoints(self)
         self.local = LocalServer(home.socket(node), self.handle_local,
                                  streams={p.RunJob: self.jobs.handle_run, p.AttachJob: self.jobs.handle_attach})
         self.stats: dict[int, dict] = {}          # last figures heard from each node
@@ -99,7 +101,9 @@ class Daemon:
         self.reboot = False
         self.ready = ready
         self._down_waiters: dict[int, list[asyncio.Future]] = {}
-        self._placed_since: collections.Counter[int] = collections.Counter()   # since its last heartbeat
+        # What this node placed lately, per node: a heartbeat may have been sent just before a job
+        # started there, so placements count on top of the reported jobs for a little while.
+        self._placed: dict[int, list[float]] = collections.defaultdict(list)
         self.scheduler_file = home.state_dir(node) / "scheduler.json"
         self.scheduler_version, self.scheduler = self._load_scheduler()
         self.member_file = home.state_dir(node) / "member"   # present while this node is online
@@ -116,6 +120,8 @@ class Daemon:
             p.DaemonStop: self.handle_daemon_stop,
             p.ListJobs: self.handle_list_jobs,
             p.MigrateJob: self.jobs.handle_migrate,
+            p.CheckpointApp: self.apps.handle_checkpoint,
+            p.RestartApp: self.apps.handle_restart,
             p.CapsGet: self.jobs.handle_caps_get,
             p.CapsSet: self.jobs.handle_caps_set,
             p.SchedulerShow: self.handle_scheduler_show,
@@ -146,6 +152,10 @@ class Daemon:
             p.JobImage: self.jobs.handle_job_image,
             p.JobRestore: self.jobs.handle_job_restore,
             p.JobMoved: self.jobs.handle_job_moved,
+            p.AppFreeze: self.apps.handle_freeze,
+            p.AppThaw: self.apps.handle_thaw,
+            p.AppDump: self.apps.handle_dump,
+            p.AppRestore: self.apps.handle_restore,
         }
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -255,11 +265,16 @@ class Daemon:
                 continue
             loads.append(NodeLoad(node=n, cpus=st["cpus"], load=st["load"][0], cpu_percent=st["cpu_percent"],
                                   mem_total=st["mem_total"], mem_free=st["mem_free"],
-                                  jobs=st.get("jobs", 0) + self._placed_since[n]))
+                                  jobs=st.get("jobs", 0) + self._recently_placed(n)))
         node = self.scheduler.place(JobSpec(argv=tuple(argv), uid=uid, origin=self.me),
                                     ClusterView(nodes=tuple(loads), local=self.me))
-        self._placed_since[node] += 1       # until its next heartbeat counts it
+        self._placed[node].append(time.monotonic())
         return node
+
+    def _recently_placed(self, node: int) -> int:
+        horizon = time.monotonic() - 4 * self.cfg.heartbeat_interval
+        self._placed[node] = [t for t in self._placed[node] if t > horizon]
+        return len(self._placed[node])
 
     # -- the scheduler's configuration: cluster-wide, newest (version, proposer) wins -----------------------
 
@@ -352,7 +367,6 @@ class Daemon:
             log.warning("node %d sent a bad view: %s", node, e)
             return None
         self.stats[node] = msg.stats
-        self._placed_since[node] = 0
         self.jobs.peer_version(node, msg.jobs)
         if msg.scheduler is not None:
             self._adopt_scheduler(node, msg.scheduler)

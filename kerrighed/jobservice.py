@@ -120,11 +120,12 @@ class JobService:
                 raise UsageError("no program to run")
             node = self.place(msg, caller.uid)
             gpid = self.gpids.allocate(self.hosted.keys() | self.finished.keys() | self.sessions.keys())
+            app = self.app_of(caller.pid) or self._joinable(msg.app, caller.uid) or gpid
             start = p.JobStart(
-                gpid=gpid, argv=msg.argv, env=msg.env, cwd=msg.cwd, umask=msg.umask, uid=caller.uid,
-                gid=caller.gid, groups=caller_groups(caller.pid), origin=self.me, tty=msg.tty,
+                gpid=gpid, argv=msg.argv, env={**msg.env, "KRG_APP": str(app)}, cwd=msg.cwd, umask=msg.umask,
+                uid=caller.uid, gid=caller.gid, groups=caller_groups(caller.pid), origin=self.me, tty=msg.tty,
                 rows=msg.rows, cols=msg.cols, detach=msg.detach, window=msg.window,
-                caps=self.inherited_caps(caller.pid).to_dict(), app=self.app_of(caller.pid) or gpid)
+                caps=self.inherited_caps(caller.pid).to_dict(), app=app)
             session = None if msg.detach else Session(self, gpid, node, caller, writer, msg.window)
             if session:
                 self.sessions[gpid] = session
@@ -175,6 +176,14 @@ class JobService:
         self.hosted[record.gpid] = job
         self._changed(record.gpid)
         return job
+
+    def adopt_restored(self, job: HostedJob) -> None:
+        self.hosted[job.gpid] = job
+        self._changed(job.gpid)
+
+    @staticmethod
+    def remove_job_dir(path: Path) -> None:
+        _remove_dir(path)
 
     def _job_done(self, job: HostedJob) -> None:
         self.hosted.pop(job.gpid, None)
@@ -580,6 +589,15 @@ class JobService:
             if ancestor in by_init:
                 return by_init[ancestor].record.app
         return None
+
+    def _joinable(self, app: int | None, uid: int) -> int | None:
+        """An application a command asks to join ($KRG_APP): only one with a running job of the
+        same user (root may join any), so nobody slips a job into another user's application."""
+        if app is None:
+            return None
+        entries = [{"app": j.record.app, "uid": j.record.uid} for j in self.hosted.values()]
+        entries += self.known.values()
+        return app if any(e.get("app") == app and (uid == 0 or e["uid"] == uid) for e in entries) else None
 
     async def handle_caps_get(self, msg: p.CapsGet, caller: Caller) -> dict:
         return (await self._caps_op(msg.pid, msg.gpid, None, caller)).to_dict()

@@ -321,6 +321,7 @@ class RunJob(Message):
     cols: int = 80
     detach: bool = False
     window: int = 1 << 20             # output bytes the command accepts before it grants more
+    app: int | None = None            # the application to join ($KRG_APP inside a job)
 
 
 @message("proc.attach")
@@ -352,6 +353,24 @@ class WaitJob(Message):
 class MigrateJob(Message):
     gpid: int
     node: int
+
+
+@message("proc.checkpoint")
+class CheckpointApp(Message):
+    """Kerrighed's `checkpoint`: `id` is a job's gpid, or an application id with `app`."""
+
+    id: int
+    app: bool = False
+    description: str | None = None
+    mode: str = "checkpoint"          # checkpoint | freeze | unfreeze | ckpt-only | kill
+    signal: int = 0                   # for unfreeze (0: none) and kill (default SIGTERM)
+
+
+@message("proc.restart")
+class RestartApp(Message):
+    appid: int
+    version: int
+    frozen: bool = False              # -U: leave it frozen
 
 
 @message("caps.get")
@@ -536,6 +555,34 @@ class JobMoved(Message):
 
     gpid: int
     node: int
+
+
+@message("app.freeze")
+class AppFreeze(Message):
+    app: int
+    uid: int
+
+
+@message("app.dump")
+class AppDump(Message):
+    """Dump this node's (frozen) jobs of `app` into version `version` of the store, being written."""
+
+    app: int
+    version: int
+
+
+@message("app.thaw")
+class AppThaw(Message):
+    app: int
+    signal: int = 0                   # 0: continue; else end the jobs with this signal
+
+
+@message("app.restore")
+class AppRestore(Message):
+    appid: int
+    version: int
+    jobs: list[list[int]]             # [[node it was dumped on, gpid], ...] to restore here
+    frozen: bool = False
 
 
 @message("job.event")

@@ -119,8 +119,10 @@ def launch(path, argv: list[str], node: int | None, detach: bool, use_tty: bool)
     umask = os.umask(0)
     os.umask(umask)
     rows, cols = _winsize() if use_tty else (24, 80)
+    app = os.environ.get("KRG_APP", "")      # set in every job: its children join its application
     conn.send(p.RunJob(argv=argv, env=dict(os.environ), cwd=os.getcwd(), umask=umask, node=node,
-                       tty=use_tty, rows=rows, cols=cols, detach=detach, window=WINDOW))
+                       tty=use_tty, rows=rows, cols=cols, detach=detach, window=WINDOW,
+                       app=int(app) if app.isdigit() else None))
     return conn, conn.wait_reply()
 
 
