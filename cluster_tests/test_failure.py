@@ -62,8 +62,8 @@ def test_the_coordinator_dying_is_handled_by_the_next_node(cluster):
     wait_for(lambda: cluster.online(2) == {2, 3}, what="node 2 to take over and drop node 1")
     assert cluster.online(3) == {2, 3}
     cluster.start(1)
-    cluster.krgadm("nodes", "add", "-n", "1", node=2)
-    assert cluster.online(1) == {1, 2, 3}
+    cluster.krgadm("nodes", "add", "-n", "1", node=2)     # (racing node 1's own request to rejoin)
+    wait_for(lambda: cluster.online(1) == {1, 2, 3}, what="node 1 to see itself back")
 
 
 def test_a_stopped_node_is_seen_leaving_too(cluster):

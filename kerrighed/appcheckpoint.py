@@ -174,7 +174,7 @@ class AppCheckpoints:
             if self.jobs.finished.pop(gpid, None) is not None:
                 self.jobs.remove_job_dir(job_dir)      # the ended run it restarts from a snapshot of
             job_dir.mkdir(mode=0o700)
-            self.d.home.run_dir(dumped_on).mkdir(parents=True, exist_ok=True)
+            self.d.home.job_run_dir(gpid).mkdir(parents=True, exist_ok=True)       # the init's cwd
             try:
                 await spawn_restore(record, where.images, job_dir / "ctl.sock")
                 shepherd = await asyncio.to_thread(Shepherd.connect, job_dir / "ctl.sock")

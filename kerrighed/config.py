@@ -144,10 +144,14 @@ class Home:
         return cls(Path(flag or os.environ.get("KRG_HOME") or DEFAULT_HOME).absolute())
 
     def run_dir(self, node: int) -> Path:
-        """Node N's daemon works here, and so do the inits of the jobs it starts: CRIU writes
-        into their working directory while dumping, and a restored init needs it back, on
-        whichever node, at the same path (so every node creates any node's on demand)."""
+        """Node N's daemon works here."""
         return self.path / "run" / f"node{node}"
+
+    def job_run_dir(self, gpid: int) -> Path:
+        """A job's init works here: CRIU writes into it while dumping (so one per job: two dumps
+        in one directory collide), and a restored init needs it back at the same path on
+        whichever node restores it (so every node creates it on demand)."""
+        return self.path / "run" / f"job{gpid}"
 
     @property
     def cluster_file(self) -> Path:

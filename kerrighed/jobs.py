@@ -84,7 +84,7 @@ def exit_status_of(status: dict | None) -> int:
 
 
 async def spawn(record: JobRecord, env: dict[str, str], groups: list[int], umask: int, ctl: Path,
-                rows: int, cols: int) -> None:
+                rows: int, cols: int, init_cwd: Path) -> None:
     """Start krg-init for a job; returns once its control socket listens."""
     args = [str(KRG_INIT), "--ctl", str(ctl), "--uid", str(record.uid), "--gid", str(record.gid),
             "--groups", ",".join(map(str, groups)), "--umask", f"{umask:o}", "--cwd", record.cwd]
@@ -94,7 +94,7 @@ async def spawn(record: JobRecord, env: dict[str, str], groups: list[int], umask
     # it runs as root, and a user's LD_PRELOAD must not apply to it.
     proc = await asyncio.create_subprocess_exec(
         *args, "--env-stdin", "--", *record.argv, env={}, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=init_cwd)
     blob = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items() if "=" not in k and "\0" not in k + v)
     _, err = await proc.communicate(blob)
     if proc.returncode != 0:

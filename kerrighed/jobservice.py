@@ -120,7 +120,7 @@ class JobService:
                 raise UsageError("no program to run")
             node = self.place(msg, caller.uid)
             gpid = self.gpids.allocate(self.hosted.keys() | self.finished.keys() | self.sessions.keys())
-            app = self.app_of(caller.pid) or self._joinable(msg.app, caller.uid) or gpid
+            app = self.app_of(caller.pid) or await self._joinable(msg.app, caller.uid) or gpid
             start = p.JobStart(
                 gpid=gpid, argv=msg.argv, env={**msg.env, "KRG_APP": str(app)}, cwd=msg.cwd, umask=msg.umask,
                 uid=caller.uid, gid=caller.gid, groups=caller_groups(caller.pid), origin=self.me, tty=msg.tty,
@@ -165,7 +165,10 @@ class JobService:
                            origin=start.origin, node=self.me, start_time=time.time(), tty=start.tty,
                            detach=start.detach, app=start.app, caps=start.caps)
         try:
-            await spawn(record, start.env, start.groups, start.umask, job_dir / "ctl.sock", start.rows, start.cols)
+            init_cwd = self.d.home.job_run_dir(start.gpid)
+            init_cwd.mkdir(parents=True, exist_ok=True)
+            await spawn(record, start.env, start.groups, start.umask, job_dir / "ctl.sock", start.rows, start.cols,
+                        init_cwd)
             shepherd = await asyncio.to_thread(Shepherd.connect, job_dir / "ctl.sock")
         except BaseException:
             _remove_dir(job_dir)
@@ -187,6 +190,7 @@ class JobService:
 
     def _job_done(self, job: HostedJob) -> None:
         self.hosted.pop(job.gpid, None)
+        shutil.rmtree(self.d.home.job_run_dir(job.gpid), ignore_errors=True)
         if job.record.detach or job.sink is None:
             self.finished[job.gpid] = (job.record, time.monotonic())     # someone may `krg wait`
         else:
@@ -337,10 +341,12 @@ class JobService:
         seen = self._seen.get(node)
         if seen is not None and msg.version <= seen:
             return                                      # the list we read already has it
-        if seen != msg.version - 1:
-            self.peer_version(node, msg.version)        # we missed one: read the whole list
-            return
-        self._seen[node] = msg.version
+        if seen == msg.version - 1:
+            self._seen[node] = msg.version
+        else:
+            # We missed one (or never read the list): read it all, but keep this one meanwhile;
+            # the node may die before the read, and then this is all we know of the job.
+            self.peer_version(node, msg.version)
         if msg.entry is None:
             self.known.pop(msg.gpid, None)
         else:
@@ -554,7 +560,7 @@ class JobService:
         return p.Ok(result={"node": self.me})
 
     async def _restore_here(self, record: JobRecord, images: Path, sink, window: int) -> HostedJob:
-        self.d.home.run_dir(record.node).mkdir(parents=True, exist_ok=True)     # the init's cwd
+        self.d.home.job_run_dir(record.gpid).mkdir(parents=True, exist_ok=True)     # the init's cwd
         job_dir = images.parent
         ctl = job_dir / "ctl.sock"
         await spawn_restore(record, images, ctl)
@@ -590,14 +596,16 @@ class JobService:
                 return by_init[ancestor].record.app
         return None
 
-    def _joinable(self, app: int | None, uid: int) -> int | None:
+    async def _joinable(self, app: int | None, uid: int) -> int | None:
         """An application a command asks to join ($KRG_APP): only one with a running job of the
         same user (root may join any), so nobody slips a job into another user's application."""
         if app is None:
             return None
-        entries = [{"app": j.record.app, "uid": j.record.uid} for j in self.hosted.values()]
-        entries += self.known.values()
-        return app if any(e.get("app") == app and (uid == 0 or e["uid"] == uid) for e in entries) else None
+        for entries in (self.known.values(), await self.listing()):     # the copy first, then everyone
+            if any(e.get("app") == app and (uid == 0 or e["uid"] == uid) and e.get("state") != "lost"
+                   for e in entries):
+                return app
+        return None
 
     async def handle_caps_get(self, msg: p.CapsGet, caller: Caller) -> dict:
         return (await self._caps_op(msg.pid, msg.gpid, None, caller)).to_dict()
