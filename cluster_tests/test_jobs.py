@@ -296,8 +296,15 @@ def test_an_interactive_program_gets_a_terminal(cluster):
         # The terminal is resized: the job's terminal follows.
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 132, 0, 0))
         proc.send_signal(signal.SIGWINCH)       # what the kernel does for a controlling terminal
-        os.write(master, b"stty size\r")
-        read_for(b"40 132")
+        # The signal reaches krg run at some point after we type: ask until the new size shows.
+        deadline = time.monotonic() + 20
+        while b"40 132" not in out:
+            assert time.monotonic() < deadline, out
+            os.write(master, b"stty size\r")
+            t = time.monotonic() + 0.5
+            while time.monotonic() < t and b"40 132" not in out:
+                if select.select([master], [], [], 0.1)[0]:
+                    out += os.read(master, 4096)
         os.write(master, b"exit 5\r")
         assert proc.wait(timeout=20) == 5
     finally:
