@@ -57,7 +57,7 @@ def launch(home: Home, count: int, mib: int, one_app: bool) -> list[int]:
             run(home, "krg", "run", "-d", "-n", str(1 + i % NODES), "python3", "-c", script)
     deadline = time.monotonic() + 120
     while True:
-        jobs = [j for j in jobs_of(home) if j["argv"][0] == "python3" and j["rss"] >= mib << 20]
+        jobs = [j for j in jobs_of(home) if j["state"] not in ("exited", "lost") and j["rss"] >= mib << 20]
         if len(jobs) == count:
             break
         if time.monotonic() > deadline:
