@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
 import time
 from typing import TYPE_CHECKING
 
 from kerrighed import protocol as p
 from kerrighed.errors import KrgError, NodeStateError, PermissionDenied, UsageError
-from kerrighed.jobs import JobRecord, spawn_restore, Shepherd, HostedJob
+from kerrighed.jobs import HostedJob, JobRecord
 
 if TYPE_CHECKING:
     from kerrighed.daemon import Daemon
@@ -172,19 +173,13 @@ class AppCheckpoints:
                                detach=True, app=meta.app, caps=meta.caps)
             job_dir = self.jobs.jobs_dir / str(gpid)
             if self.jobs.finished.pop(gpid, None) is not None:
-                self.jobs.remove_job_dir(job_dir)      # the ended run it restarts from a snapshot of
+                shutil.rmtree(job_dir, ignore_errors=True)     # the ended run it restarts from a snapshot of
             job_dir.mkdir(mode=0o700)
-            self.d.home.job_run_dir(gpid).mkdir(parents=True, exist_ok=True)       # the init's cwd
             try:
-                await spawn_restore(record, where.images, job_dir / "ctl.sock")
-                shepherd = await asyncio.to_thread(Shepherd.connect, job_dir / "ctl.sock")
+                job = await self.jobs.restore_job(record, where.images, job_dir, sink=None, window=0)
             except BaseException:
-                self.jobs.remove_job_dir(job_dir)
+                shutil.rmtree(job_dir, ignore_errors=True)
                 raise
-            record.host_pid = shepherd.host_pid
-            job = HostedJob(record, shepherd, job_dir, self.jobs._job_done)
-            job.save()
-            self.jobs.adopt_restored(job)
             if not msg.frozen:
                 job.signal(signal.SIGCONT, 0)
 

@@ -180,14 +180,6 @@ class JobService:
         self._changed(record.gpid)
         return job
 
-    def adopt_restored(self, job: HostedJob) -> None:
-        self.hosted[job.gpid] = job
-        self._changed(job.gpid)
-
-    @staticmethod
-    def remove_job_dir(path: Path) -> None:
-        _remove_dir(path)
-
     def _job_done(self, job: HostedJob) -> None:
         self.hosted.pop(job.gpid, None)
         shutil.rmtree(self.d.home.job_run_dir(job.gpid), ignore_errors=True)
@@ -477,7 +469,7 @@ class JobService:
         except KrgError as e:
             log.warning("job %d: node %d could not restore it (%s); restoring it here", msg.gpid, msg.target, e)
             self.hosted.pop(msg.gpid, None)
-            back = await self._restore_here(moved, images, job.sink, job.credit)
+            back = await self.restore_job(moved, images, job.job_dir, job.sink, job.credit)
             for data in job.held or ():
                 back.feed(data)
             raise KrgError(f"migration of job {msg.gpid} to node {msg.target} failed ({e}); "
@@ -551,7 +543,7 @@ class JobService:
         else:
             sink = RemoteSink(self.d, record.origin, record.gpid)
         try:
-            await self._restore_here(record, images, sink, msg.window)
+            await self.restore_job(record, images, job_dir, sink, msg.window)
         except BaseException:
             _remove_dir(images)
             _remove_dir(job_dir)
@@ -559,9 +551,10 @@ class JobService:
         _remove_dir(images)
         return p.Ok(result={"node": self.me})
 
-    async def _restore_here(self, record: JobRecord, images: Path, sink, window: int) -> HostedJob:
+    async def restore_job(self, record: JobRecord, images: Path, job_dir: Path, sink, window: int) -> HostedJob:
+        """Restore a job from CRIU images under a new shepherd, and host it here (migration's
+        target, a failed migration's source, an application's restart)."""
         self.d.home.job_run_dir(record.gpid).mkdir(parents=True, exist_ok=True)     # the init's cwd
-        job_dir = images.parent
         ctl = job_dir / "ctl.sock"
         await spawn_restore(record, images, ctl)
         shepherd = await asyncio.to_thread(Shepherd.connect, ctl)

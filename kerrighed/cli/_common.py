@@ -18,8 +18,9 @@ def add_common_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def connect(args) -> Client:
-    return Client(find_socket(Home.resolve(args.home), args.node))
+def connect(args, timeout: float | None = 60.0) -> Client:
+    """The local daemon's socket; timeout None for commands that wait as long as the work takes."""
+    return Client(find_socket(Home.resolve(args.home), args.node), timeout=timeout)
 
 
 def print_json(obj) -> None:

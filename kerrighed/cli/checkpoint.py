@@ -65,8 +65,7 @@ def dispatch(args) -> int:
     else:
         say(f"Checkpointing application {args.id}..." if args.from_appid
             else f"Checkpointing application in which process {args.id} is involved...")
-    with connect(args) as c:
-        c._sock.settimeout(None)        # a large application takes a while
+    with connect(args, timeout=None) as c:  # a large application takes a while
         r = c.call(p.CheckpointApp(id=args.id, app=args.from_appid, description=args.description,
                                    mode=mode, signal=sig))
     if "version" in r:

@@ -133,8 +133,7 @@ def kill(args) -> int:
 
 
 def wait(args) -> int:
-    with connect(args) as c:
-        c._sock.settimeout(None)        # a job may run for days
+    with connect(args, timeout=None) as c:  # a job may run for days
         status = c.call(p.WaitJob(gpid=args.gpid))["status"]
     return status["code"] if status.get("code") is not None else 128 + status["signal"]
 

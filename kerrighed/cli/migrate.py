@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 def dispatch(args) -> int:
     if not args.gpid.isdigit() or not args.target.isdigit():
         raise UsageError(f"usage: migrate PID NODEID (numbers), not {args.gpid!r} {args.target!r}")
-    with connect(args) as c:
-        c._sock.settimeout(None)        # a large job takes a while to move
+    with connect(args, timeout=None) as c:  # a large job takes a while to move
         c.call(p.MigrateJob(gpid=int(args.gpid), node=int(args.target)))
     return 0
 

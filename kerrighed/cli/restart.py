@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 def dispatch(args) -> int:
     say = (lambda *a: None) if args.quiet else print
     say(f"Restarting application {args.appid} (v{args.version}) ...")
-    with connect(args) as c:
-        c._sock.settimeout(None)
+    with connect(args, timeout=None) as c:
         c.call(p.RestartApp(appid=args.appid, version=args.version, frozen=args.no_unfreeze))
     if args.no_unfreeze:
         say(f"Application {args.appid} has been successfully restored in *FROZEN* state. "
