@@ -7,6 +7,7 @@ class, in the command that asked.
 
 from __future__ import annotations
 
+import errno
 from typing import ClassVar
 
 
@@ -93,3 +94,29 @@ class JobLost(KrgError):
     """The node hosting the job died; exit status 255, apart from any program's status."""
 
     exit_code = 255
+
+
+class FsError(KrgError):
+    """A KDFS operation failed with an errno; the message starts with the errno's name, which is how
+    the errno crosses the wire (`ENOENT: no entry 'x' in directory 1`)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        name = message.split(":", 1)[0]
+        self.errno = getattr(errno, name, errno.EIO) if name.startswith("E") else errno.EIO
+
+    @classmethod
+    def of(cls, code: int, detail: str) -> FsError:
+        return cls(f"{errno.errorcode.get(code, 'EIO')}: {detail}")
+
+
+class ChunkError(KrgError):
+    """A KDFS chunk copy cannot be used."""
+
+
+class ChunkMissing(ChunkError):
+    """The node holds no copy of that chunk."""
+
+
+class ChunkCorrupt(ChunkError):
+    """A block of the chunk copy failed its checksum."""
