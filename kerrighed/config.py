@@ -39,11 +39,38 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class KdfsConfig:
+    """The `[kdfs]` table: the cluster file system (docs/kdfs.md)."""
+
+    enabled: bool = True
+    mountpoint: str = ""                   # "" = <home>/kdfs
+    replicas: int = 2                      # copies of every chunk
+    chunk_size: int = 4 << 20
+    stripe_after: int = 64 << 20           # past this, a file's first copies rotate over the nodes
+
+    @classmethod
+    def from_toml(cls, t: dict) -> KdfsConfig:
+        k = cls(enabled=bool(t.get("enabled", True)), mountpoint=str(t.get("mountpoint", "")),
+                replicas=int(t.get("replicas", 2)), chunk_size=int(t.get("chunk_size", 4 << 20)),
+                stripe_after=int(t.get("stripe_after", 64 << 20)))
+        if not 1 <= k.replicas <= 8:
+            raise ConfigError(f"[kdfs] replicas = {k.replicas}: must be 1..8")
+        if k.chunk_size < 64 << 10 or k.chunk_size > 32 << 20 or k.chunk_size % (64 << 10):
+            raise ConfigError(f"[kdfs] chunk_size = {k.chunk_size}: a multiple of 64 KiB up to 32 MiB")
+        return k
+
+    def to_toml(self) -> dict:
+        return {"enabled": self.enabled, "mountpoint": self.mountpoint, "replicas": self.replicas,
+                "chunk_size": self.chunk_size, "stripe_after": self.stripe_after}
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     session: int                           # Kerrighed's session id: keeps two clusters apart
     nodes: dict[int, NodeConfig]
     heartbeat_interval: float = 0.25       # seconds between heartbeats
     failure_timeout: float = 1.5           # silence after which a node is no longer present
+    kdfs: KdfsConfig = field(default_factory=KdfsConfig)
     extra: dict = field(default_factory=dict, compare=False)
 
     def node(self, node_id: int) -> NodeConfig:
@@ -86,6 +113,7 @@ class ClusterConfig:
                 nodes=nodes,
                 heartbeat_interval=float(c.get("heartbeat_interval", 0.25)),
                 failure_timeout=float(c.get("failure_timeout", 1.5)),
+                kdfs=KdfsConfig.from_toml(data.get("kdfs", {})),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{path}: invalid configuration: {e!r}") from None
@@ -104,6 +132,7 @@ class ClusterConfig:
                 "heartbeat_interval": self.heartbeat_interval,
                 "failure_timeout": self.failure_timeout,
             },
+            "kdfs": self.kdfs.to_toml(),
             "nodes": [
                 {"id": n.id, "address": n.address, "port": n.port, "public_key": n.public_key}
                 for n in sorted(self.nodes.values(), key=lambda n: n.id)
@@ -171,6 +200,13 @@ class Home:
 
     def logfile(self, node: int) -> Path:
         return self.state_dir(node) / "krgd.log"
+
+    def kdfs_disk(self, node: int) -> Path:
+        """Node N's share of KDFS: its chunks and its metadata replica."""
+        return self.state_dir(node) / "kdfs"
+
+    def kdfs_mountpoint(self, cfg: ClusterConfig) -> Path:
+        return Path(cfg.kdfs.mountpoint) if cfg.kdfs.mountpoint else self.path / "kdfs"
 
     def load_config(self) -> ClusterConfig:
         return ClusterConfig.load(self.cluster_file)
