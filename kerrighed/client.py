@@ -48,12 +48,16 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def call(self, msg: protocol.Message) -> object:
+    def call(self, msg: protocol.Message, payload: list[bytes] = ()) -> object:
         """Send a request and return the reply's result, or raise the error it carries."""
+        return self.call_bulk(msg, payload).result
+
+    def call_bulk(self, msg: protocol.Message, payload: list[bytes] = ()) -> protocol.Bulk:
+        """A request whose reply may carry payload frames (chunk data) beside its result."""
         self._rids += 1
         try:
-            self._sock.sendall(protocol.pack_stream(protocol.encode(msg, self._rids)))
-            reply, rid, _ = protocol.decode(self._read_frames(), max_body=protocol.MAX_FRAME)
+            self._sock.sendall(protocol.pack_stream(protocol.encode(msg, self._rids, payload)))
+            reply, rid, data = protocol.decode(self._read_frames(), max_body=protocol.MAX_FRAME)
         except (ConnectionError, BrokenPipeError) as e:
             raise NotRunning(f"krgd at {self.path} closed the connection ({e.strerror or e})") from None
         except socket.timeout:
@@ -62,7 +66,7 @@ class Client:
             raise reply.exception()
         if not isinstance(reply, protocol.Ok) or rid != self._rids:
             raise ProtocolError(f"unexpected reply {reply.op} to {msg.op}")
-        return reply.result
+        return protocol.Bulk(reply.result, data)
 
     def _read_frames(self) -> list[bytes]:
         (count,) = protocol.LENGTH.unpack(self._read(4))
@@ -75,10 +79,11 @@ class Client:
         return frames
 
     def _read(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self._sock.recv(n - len(buf))
-            if not chunk:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            k = self._sock.recv_into(view[got:])
+            if not k:
                 raise ConnectionError("end of stream")
-            buf += chunk
-        return bytes(buf)
+            got += k
+        return bytes(buf) if n < 65536 else buf

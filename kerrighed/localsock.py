@@ -116,24 +116,29 @@ class LocalServer:
                 if stream is not None:
                     await stream(caller, msg, reader, writer)
                     return
-                await self._reply(writer, await self._handle(caller, msg, payload), rid)
+                reply, out = await self._handle(caller, msg, payload)
+                await self._reply(writer, reply, rid, out)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
 
-    async def _handle(self, caller: Caller, msg: protocol.Message, payload: list[bytes]) -> protocol.Message:
+    async def _handle(self, caller: Caller, msg: protocol.Message,
+                      payload: list[bytes]) -> tuple[protocol.Message, list[bytes]]:
         try:
-            return protocol.Ok(result=await self.handler(caller, msg, payload))
+            result = await self.handler(caller, msg, payload)
         except KrgError as e:
-            return protocol.Error.of(e)
+            return protocol.Error.of(e), []
         except Exception as e:
             log.exception("handler failed for pid %d uid %d", caller.pid, caller.uid)
-            return protocol.Error(kind="KrgError", message=f"internal error in krgd: {e!r}")
+            return protocol.Error(kind="KrgError", message=f"internal error in krgd: {e!r}"), []
+        if isinstance(result, protocol.Bulk):
+            return protocol.Ok(result=result.result), result.payload
+        return protocol.Ok(result=result), []
 
     @staticmethod
-    async def _reply(writer: asyncio.StreamWriter, reply: protocol.Message, rid: int) -> None:
-        writer.write(protocol.pack_stream(protocol.encode(reply, rid)))
+    async def _reply(writer: asyncio.StreamWriter, reply: protocol.Message, rid: int, payload: list[bytes] = ()) -> None:
+        writer.write(protocol.pack_stream(protocol.encode(reply, rid, payload)))
         await writer.drain()
 
 

@@ -196,6 +196,15 @@ class Ok(Message):
     result: Any = None
 
 
+class Bulk:
+    """What a handler returns to answer with binary payload frames (chunk data) beside its result."""
+
+    __slots__ = ("result", "payload")
+
+    def __init__(self, result: Any, payload: list[bytes]):
+        self.result, self.payload = result, payload
+
+
 @message("error")
 class Error(Message):
     kind: str
@@ -597,6 +606,124 @@ class JobEvent(Message):
 @message("job.wait")
 class JobWait(Message):
     gpid: int
+
+
+# -- KDFS (docs/kdfs.md) ------------------------------------------------------------------------------
+# Local socket, from the mount process or the Python client (root only, except kdfs.status).
+
+
+@message("kdfs.meta")
+class KdfsMeta(Message):
+    change: dict             # a metadata change (kdfs/metastore.py); the leader stamps and replicates it
+    rid: str = ""            # the caller's id for this change: a retry after a leader change is not applied twice
+
+
+@message("kdfs.query")
+class KdfsQuery(Message):
+    query: str               # getattr, lookup, readdir, readlink, chunks, chunk, stats
+    args: dict
+
+
+@message("kdfs.put")
+class KdfsPut(Message):
+    id: str                  # a new chunk; payload: its data
+    ino: int                 # the file and the chunk's index in it decide where copies go
+    idx: int
+    size_hint: int = 0       # the file's size: past stripe_after, first copies rotate over the nodes
+
+
+@message("kdfs.get")
+class KdfsGet(Message):
+    id: str
+    nodes: list[int]
+    offset: int = 0
+    length: int = -1
+
+
+@message("kdfs.sync")
+class KdfsSync(Message):
+    chunks: list             # [[id, [nodes]], ...]: fsync these copies where they are
+
+
+@message("kdfs.status")
+class KdfsStatus(Message):
+    pass
+
+
+@message("kdfs.fsck")
+class KdfsFsck(Message):
+    repair: bool = False
+
+
+@message("kdfs.rebalance")
+class KdfsRebalance(Message):
+    pass
+
+
+# Node to node.
+
+
+@message("kdfs.propose")
+class KdfsPropose(Message):
+    change: dict
+    rid: str = ""
+
+
+@message("kdfs.apply")
+class KdfsApply(Message):
+    seq: int
+    term: int
+    change: dict
+
+
+@message("kdfs.state")
+class KdfsState(Message):
+    term: int                # a node taking the lead with this term: refuse older leaders from now
+
+
+@message("kdfs.log")
+class KdfsLog(Message):
+    after: int
+    limit: int = 2000
+
+
+@message("kdfs.snapshot")
+class KdfsSnapshot(Message):
+    offset: int              # payload: the leader's database from offset, in pieces
+
+
+@message("kdfs.chunk.put")
+class KdfsChunkPut(Message):
+    id: str
+    sync: bool = False
+
+
+@message("kdfs.chunk.get")
+class KdfsChunkGet(Message):
+    id: str
+    offset: int = 0
+    length: int = -1
+
+
+@message("kdfs.chunk.fetch")
+class KdfsChunkFetch(Message):
+    id: str                  # copy this chunk from `source` into the local store
+    source: int
+
+
+@message("kdfs.chunk.sync")
+class KdfsChunkSync(Message):
+    ids: list[str]
+
+
+@message("kdfs.chunk.drop")
+class KdfsChunkDrop(Message):
+    ids: list[str]
+
+
+@message("kdfs.chunk.scan")
+class KdfsChunkScan(Message):
+    verify: bool = False     # list the copies held here; with verify, check every block
 
 
 # -- the local socket's framing ---------------------------------------------------------------------

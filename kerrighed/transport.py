@@ -115,8 +115,9 @@ class Transport:
         return _send_now(self._dealers[node], protocol.encode(msg, 0, payload))
 
     async def request(self, node: int, msg: protocol.Message, timeout: float = 2.0,
-                      payload: list[bytes] = ()) -> object:
-        """Send a request and return the reply's result; raise the remote error, or Unreachable."""
+                      payload: list[bytes] = (), bulk: bool = False) -> object:
+        """Send a request and return the reply's result (with bulk, a Bulk with the reply's
+        payload frames too); raise the remote error, or Unreachable."""
         if node not in self._dealers:
             raise Unreachable(f"node {node} is not a peer of node {self.me}")
         rid = next(self._rids)
@@ -126,14 +127,14 @@ class Transport:
             if not _send_now(self._dealers[node], protocol.encode(msg, rid, payload)):
                 raise Unreachable(f"node {node} is not connected")
             try:
-                reply = await asyncio.wait_for(fut, timeout)
+                reply, data = await asyncio.wait_for(fut, timeout)
             except asyncio.TimeoutError:
                 raise Unreachable(f"node {node} did not answer {msg.op} within {timeout:g} s") from None
         finally:
             self._pending.pop(rid, None)
         if isinstance(reply, protocol.Error):
             raise reply.exception()
-        return reply.result
+        return protocol.Bulk(reply.result, data) if bulk else reply.result
 
     # -- receiving --------------------------------------------------------------------------------
 
@@ -141,13 +142,13 @@ class Transport:
         while True:
             frames = await sock.recv_multipart()
             try:
-                reply, rid, _ = protocol.decode(frames, max_body=protocol.MAX_FRAME)
+                reply, rid, data = protocol.decode(frames, max_body=protocol.MAX_FRAME)
             except ProtocolError as e:
                 log.warning("bad reply from node %d: %s", node, e)
                 continue
             fut = self._pending.get(rid)
             if fut is not None and not fut.done() and isinstance(reply, (protocol.Ok, protocol.Error)):
-                fut.set_result(reply)
+                fut.set_result((reply, data))
 
     async def _serve_router(self) -> None:
         while True:
@@ -182,8 +183,11 @@ class Transport:
         except Exception as e:
             log.exception("handler failed on a message from node %d", node)
             reply = protocol.Error(kind="KrgError", message=f"internal error on node {self.me}: {e!r}")
+        out: list[bytes] = []
+        if isinstance(reply, protocol.Bulk):
+            reply, out = protocol.Ok(result=reply.result), reply.payload
         if rid and reply is not None:
-            _send_now(self._router, [ident, *protocol.encode(reply, rid)])   # if the peer left, it times out
+            _send_now(self._router, [ident, *protocol.encode(reply, rid, out)])   # if the peer left, it times out
 
     async def _serve_zap(self) -> None:
         """ZAP (RFC 27): accept CURVE clients whose key is a configured node's; log the others."""
