@@ -10,12 +10,19 @@ PYCRIU := /usr/local/share/kerrighed/pycriu
 
 install: system venv native
 
-# The job init and shepherd, run by krgd for every job (csrc/krg-init.c; libc only).
-native: kerrighed/libexec/krg-init
+# The job init and shepherd, run by krgd for every job (csrc/krg-init.c; libc only), and KDFS's
+# CRC32C (csrc/crc32c.c through cffi: kdfs/_crc32c<suffix>.so; its leftovers go to build/crc32c).
+CRC32C_SO := kdfs/_crc32c$(shell p=$(PY); test -x $$p || p=$(PYTHON); \
+	$$p -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
+
+native: kerrighed/libexec/krg-init $(CRC32C_SO)
 
 kerrighed/libexec/krg-init: csrc/krg-init.c | system
 	mkdir -p $(dir $@)
 	$(CC) -O2 -Wall -Wextra -Werror -std=gnu11 -o $@ $<
+
+$(CRC32C_SO): csrc/crc32c.c kdfs/_crc32c_build.py | venv
+	$(PY) kdfs/_crc32c_build.py
 
 system:
 	bash scripts/install-system.sh
@@ -46,4 +53,4 @@ bench: install
 	$(PY) bench/bench_cluster.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info bench/results kerrighed/libexec
+	rm -rf $(VENV) build *.egg-info bench/results kerrighed/libexec kdfs/_crc32c.*.so kdfs/_crc32c.c kdfs/_crc32c.o
