@@ -103,6 +103,7 @@ def main() -> int:
     ap.add_argument("--files", type=int, help=f"files of the metadata figures (default {META_FILES})")
     ap.add_argument("--targets", default="all", help=f"comma-separated subset of {','.join(ALL_TARGETS)} "
                     "('kdfs' = kdfs-r1,kdfs-r2; default all)")
+    ap.add_argument("--runs", type=int, default=1, help="runs per target, each with its local baseline (medians; default 1)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     args = ap.parse_args()
     targets = parse_targets(args.targets)
@@ -114,7 +115,7 @@ def main() -> int:
         print("bench_kdfs: needs root (drop_caches, mounts)", file=sys.stderr)
         return 2
 
-    run = Run(size, reads, files)
+    run = Run(size, reads, files, args.runs)
     t0 = time.monotonic()
     try:
         run.measure(targets)
@@ -156,8 +157,8 @@ def parse_targets(text: str) -> list[str]:
 
 
 class Run:
-    def __init__(self, size: int, reads: int, files: int):
-        self.size, self.reads, self.files = size, reads, files
+    def __init__(self, size: int, reads: int, files: int, repeats: int):
+        self.size, self.reads, self.files, self.repeats = size, reads, files, repeats
         self.problems: list[str] = []
         # Everything of the run lives under one directory of /tmp (the cluster homes too: Unix socket
         # paths must stay short). Its subdirectories are spread over ext4's block groups.
@@ -171,14 +172,15 @@ class Run:
         self.results: dict = {
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "size_bytes": size, "block_bytes": BLOCK, "random_read_bytes": PAGE, "random_reads": reads,
-            "meta_files": files, "targets": {},
+            "meta_files": files, "runs_per_target": repeats, "targets": {},
         }
 
     def measure(self, targets: list[str]) -> None:
         self.results["machine"] = m = machine(self.scratch)
         print(f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_available_mib'] / 1024:.1f} GiB available, "
               f"{m['scratch_free_mib'] / 1024:.0f} GiB free on {m['scratch_filesystem']} ({self.scratch}), "
-              f"load average {m['loadavg_at_start'][0]:.2f}, {m['other_krgd_at_start']} daemons of other clusters")
+              f"load average {m['loadavg_at_start'][0]:.2f}, {m['other_krgd_at_start']} daemons of other clusters, "
+              f"pressure {show_pressure(m['pressure_at_start'])}")
         print(f"figures: {self.size / MIB:.0f} MiB sequential write (+fsync) and cold read in {BLOCK // 1024} KiB "
               f"blocks, {self.reads} cold random {PAGE // 1024} KiB reads, create/stat/unlink of {self.files} files; "
               f"caches dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before each read phase, dentries and "
@@ -189,7 +191,7 @@ class Run:
         figures = self.results["targets"]
         others = [t for t in targets if t not in ("local", "rereplicate")]
         if "local" in targets and not others:
-            figures["local"] = {"runs": [self.figures(Local(self))]}
+            figures["local"] = {"runs": [self.figures(Local(self), run=i) for i in range(self.repeats)]}
         for name in others:
             target = make_target(self, name)
             try:
@@ -204,10 +206,18 @@ class Run:
                 figures[name] = {"error": f"start: {e}"}
                 continue
             try:
-                if "local" in targets:
-                    local = self.figures(Local(self), also=name)
-                    figures.setdefault("local", {"runs": []})["runs"].append(local)
-                figures[name] = {"runs": [self.figures(target)], **target.facts()}
+                runs = []
+                for i in range(self.repeats):
+                    # The baseline right before the target: other work on the machine weighs on both.
+                    if "local" in targets:
+                        local = self.figures(Local(self), also=name, run=i)
+                        figures.setdefault("local", {"runs": []})["runs"].append(local)
+                    runs.append(self.figures(target, run=i))
+                figures[name] = {"runs": runs, **target.facts()}
+            except Exception as e:
+                traceback.print_exc()
+                self.problems.append(f"{name}: {type(e).__name__}: {e}")
+                figures[name] = {"error": f"{type(e).__name__}: {e}", **({"runs": runs} if runs else {})}
             finally:
                 self.stop(target)
         if "rereplicate" in targets:
@@ -215,6 +225,8 @@ class Run:
         self.results["summary"] = summarize(figures)
         show_table(self.results["summary"], self.size)
         self.results["machine"]["loadavg_at_end"] = os.getloadavg()
+        self.results["machine"]["pressure_at_end"] = p = pressure()
+        print(f"machine at the end: load average {os.getloadavg()[0]:.2f}, pressure {show_pressure(p)}")
 
     def start(self, target: Target) -> None:
         self.live.append(target)
@@ -257,8 +269,9 @@ class Run:
 
     # -- one target's figures --------------------------------------------------------------------------
 
-    def figures(self, target: Target, also: str | None = None) -> dict:
-        label = target.title + (f" (baseline before {also})" if also else "")
+    def figures(self, target: Target, also: str | None = None, run: int = 0) -> dict:
+        label = target.title + (f" (baseline before {also})" if also else "") + (
+            f" run {run + 1}" if self.repeats > 1 else "")
         workdir = target.workdir()
         fig: dict = {"baseline_for": also} if also else {}
         path = workdir / "bench.dat"
@@ -691,7 +704,22 @@ def machine(scratch: Path) -> dict:
             "scratch_free_mib": shutil.disk_usage(scratch).free >> 20,
             "scratch_filesystem": filesystem_of(str(scratch)), "kernel": platform.release(),
             "python": platform.python_version(), "loadavg_at_start": os.getloadavg(),
-            "other_krgd_at_start": other_daemons(Home(scratch))}
+            "other_krgd_at_start": other_daemons(Home(scratch)), "pressure_at_start": pressure()}
+
+
+def pressure() -> dict:
+    """The kernel's pressure stall figures (share of the last 60 s some task waited for the CPU, for
+    I/O): other work on the machine, which every figure here is sensitive to."""
+    out = {}
+    for what in ("cpu", "io"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            line = Path(f"/proc/pressure/{what}").read_text().splitlines()[0]
+            out[f"{what}_some_avg60"] = float(line.split()[2].split("=")[1])
+    return out
+
+
+def show_pressure(p: dict) -> str:
+    return "(some, 60 s): " + ", ".join(f"{k.split('_')[0]} {v:.0f} %" for k, v in p.items())
 
 
 def drop_caches(what: int) -> None:
@@ -779,28 +807,35 @@ METRICS = (("write_MBps", "seq write MB/s", ".0f"), ("read_MBps", "seq read MB/s
            ("stat_per_s", "stats/s", ".0f"), ("unlink_per_s", "unlinks/s", ".0f"))
 
 
+def medians(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k, _, _ in METRICS}
+
+
 def summarize(figures: dict) -> dict:
-    """Per target: its figures, its paired local baseline and the passthrough's, and the ratios."""
+    """Per target: the medians of its runs, of the local runs taken right before them and of the
+    passthrough's, and the ratios."""
     out: dict = {}
     local_runs = figures.get("local", {}).get("runs", [])
-    pt = (figures.get("passthrough", {}).get("runs") or [None])[0]
-    paired = {r.get("baseline_for"): r for r in local_runs}
+    pt_runs = figures.get("passthrough", {}).get("runs")
+    pt = medians(pt_runs) if pt_runs else None
     if local_runs:
-        out["local"] = {"figures": {k: statistics.median(r[k] for r in local_runs) for k, _, _ in METRICS},
-                        "runs": len(local_runs),
+        out["local"] = {"figures": medians(local_runs), "runs": len(local_runs),
                         "range": {k: [min(r[k] for r in local_runs), max(r[k] for r in local_runs)]
                                   for k, _, _ in METRICS}}
     for name, fig in figures.items():
         if name in ("local", "rereplicate"):
             continue
-        if "runs" not in fig:
+        if not fig.get("runs"):
             out[name] = {k: v for k, v in fig.items() if k in ("unavailable", "error")}
             continue
-        mine = fig["runs"][0]
-        base = paired.get(name)
-        row: dict = {"figures": {k: mine[k] for k, _, _ in METRICS}}
-        if base:
-            row["local_before"] = {k: base[k] for k, _, _ in METRICS}
+        mine = medians(fig["runs"])
+        row: dict = {"figures": mine, "runs": len(fig["runs"])}
+        if "error" in fig:
+            row["error"] = fig["error"]
+        paired = [r for r in local_runs if r.get("baseline_for") == name]
+        if paired:
+            base = medians(paired)
+            row["local_before"] = base
             row["vs_local"] = {k: mine[k] / base[k] for k, _, _ in METRICS}
         if pt and name != "passthrough":
             row["vs_passthrough"] = {k: mine[k] / pt[k] for k, _, _ in METRICS}
