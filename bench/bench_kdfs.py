@@ -64,7 +64,10 @@ from pathlib import Path
 import psutil
 
 from kerrighed import localcluster
+from kerrighed import protocol as p
+from kerrighed.client import Client
 from kerrighed.config import Home
+from kerrighed.errors import KrgError
 
 from _harness import CLEAN_ENV, filesystem_of, krgadm, other_daemons, stop_cluster
 
@@ -225,8 +228,8 @@ class Run:
         self.results["summary"] = summarize(figures)
         show_table(self.results["summary"], self.size)
         self.results["machine"]["loadavg_at_end"] = os.getloadavg()
-        self.results["machine"]["pressure_at_end"] = p = pressure()
-        print(f"machine at the end: load average {os.getloadavg()[0]:.2f}, pressure {show_pressure(p)}")
+        self.results["machine"]["pressure_at_end"] = stalls = pressure()
+        print(f"machine at the end: load average {os.getloadavg()[0]:.2f}, pressure {show_pressure(stalls)}")
 
     def start(self, target: Target) -> None:
         self.live.append(target)
@@ -397,38 +400,50 @@ class Run:
         fig: dict = {"nodes": REPL_NODES, "replicas": REPL_R}
         fig.update(self.sequential_write(path))
         t0 = time.monotonic()
-        state = target.wait_replicated(REPL_WAIT)
+        polls = target.wait_replicated(path, REPL_WAIT)
         fig["settle_s"] = time.monotonic() - t0
-        fig["before"] = state
+        fig["chunks"] = polls[-1]["chunks"]
         holders = target.copies_per_node(path)
         fig["copies_per_node_before"] = holders
-        candidates = {n: c for n, c in holders.items() if n != min(holders)}
+        leader = min(target.online())
+        candidates = {n: c for n, c in holders.items() if n != leader}
         if not candidates:
-            raise RuntimeError(f"no node but the leader holds copies of {path}: {holders}")
+            raise RuntimeError(f"no node but the leader (node {leader}) holds copies of {path}: {holders}")
         victim = max(candidates, key=lambda n: (candidates[n], n))
         pid = localcluster.daemon_pid(target.home, victim)
         if pid is None:
             raise RuntimeError(f"node {victim} has no running daemon")
         print(f"{target.title}: {self.size / MIB:.0f} MiB written in {fig['write_s']:.2f} s "
-              f"({fig['write_MBps']:.0f} MB/s, R={REPL_R}), all chunks at {REPL_R} copies {fig['settle_s']:.1f} s later; "
-              f"copies per node {holders}; kill -9 of node {victim}'s daemon (pid {pid})")
+              f"({fig['write_MBps']:.0f} MB/s), {fig['chunks']} chunks all at {REPL_R} copies {fig['settle_s']:.1f} s "
+              f"later; copies per node {holders}; kill -9 of node {victim}'s daemon (pid {pid}, not the leader)")
         t_kill = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        state, polls = target.wait_replicated(REPL_WAIT, since=t_kill)
-        fig["rereplicate_s"] = time.monotonic() - t_kill
-        fig["after"], fig["polls"] = state, polls
+        polls = target.wait_replicated(path, REPL_WAIT, victim=victim, since=t_kill)
+        fig["rereplicate_s"] = polls[-1]["t"]
+        fig["detected_s"] = next((q["t"] for q in polls if victim not in q["online"]), None)
+        fig["polls"] = polls
         fig["victim"], fig["lost_copies"] = victim, holders[victim]
-        lost = holders[victim] * target.chunk_size
-        fig["lost_bytes"] = min(lost, self.size)
+        fig["lost_bytes"] = min(holders[victim] * target.chunk_size, self.size)
         fig["rereplicate_MBps"] = fig["lost_bytes"] / 1e6 / fig["rereplicate_s"]
         fig["copies_per_node_after"] = target.copies_per_node(path)
+        print(f"{target.title}: every chunk back at {REPL_R} copies on live nodes {fig['rereplicate_s']:.1f} s after "
+              f"the kill (node {victim} seen down after {fig['detected_s']:.1f} s; {fig['lost_copies']} copies, "
+              f"{fig['lost_bytes'] / MIB:.0f} MiB, re-created: {fig['rereplicate_MBps']:.0f} MB/s from the kill); "
+              f"copies per node now {fig['copies_per_node_after']}")
+        t0 = time.monotonic()
         fsck = target.fsck()
+        fig["fsck_after_s"] = time.monotonic() - t0
         fig["fsck_after"] = fsck
+        kinds: dict[str, int] = {}
+        for problem in fsck.get("problems", []):
+            kinds[problem.get("kind", "?")] = kinds.get(problem.get("kind", "?"), 0) + 1
+        if not fsck.get("ok"):
+            self.problems.append(f"rereplicate: `kdfs fsck --json` after re-replication: not ok: {kinds}")
         fig.update({f"verify_{k}": v for k, v in self.sequential_read(path).items()})
-        print(f"{target.title}: every chunk back at {REPL_R} live copies {fig['rereplicate_s']:.1f} s after the kill "
-              f"({fig['lost_copies']} copies lost, {fig['lost_bytes'] / MIB:.0f} MiB: {fig['rereplicate_MBps']:.0f} MB/s "
-              f"including failure detection); copies per node now {fig['copies_per_node_after']}; "
-              f"file read back intact at {fig['verify_read_MBps']:.0f} MB/s")
+        print(f"{target.title}: then `kdfs fsck --json` ({fig['fsck_after_s']:.1f} s): "
+              f"{'ok' if fsck.get('ok') else 'NOT OK'} ({fsck.get('chunks')} chunks, problems {kinds or 'none'}); "
+              f"the file read back {'intact' if not fig['verify_read_bad_blocks'] else 'DAMAGED'} at "
+              f"{fig['verify_read_MBps']:.0f} MB/s (cold)")
         return fig
 
 
@@ -594,8 +609,11 @@ class Kdfs(Target):
         return d
 
     def facts(self) -> dict:
-        return {"nodes": self.nodes, "replicas": self.replicas, "chunk_size": self.chunk_size,
-                "df": self.kdfs_json("df")}
+        try:
+            df = self.kdfs_json("df")
+        except Exception as e:
+            df = f"kdfs df --json: {e}"
+        return {"nodes": self.nodes, "replicas": self.replicas, "chunk_size": self.chunk_size, "df": df}
 
     # -- the kdfs command ------------------------------------------------------------------------------
 
@@ -614,25 +632,50 @@ class Kdfs(Target):
             raise RuntimeError(f"kdfs {' '.join(args)} --json printed no JSON ({e}): {r.stdout[:300]}") from None
 
     def fsck(self) -> dict:
+        """`kdfs fsck --json` (every copy on every online node read and checked)."""
         return self.kdfs_json("fsck")
 
-    def copies_per_node(self, path: Path) -> dict[int, int]:
-        return chunk_copies(self.kdfs_json("stat", str(path)))
+    def online(self) -> set[int]:
+        """The nodes online, as a live daemon of the cluster sees them."""
+        for n in localcluster.running_nodes(self.home):
+            with contextlib.suppress(KrgError), Client(self.home.socket(n), timeout=10) as c:
+                return {s["id"] for s in c.call(p.NodesStatus())["nodes"] if s["state"] == "online"}
+        raise RuntimeError("no daemon of the cluster answers")
 
-    def wait_replicated(self, timeout: float, since: float | None = None):
-        """Poll `kdfs fsck --json` until no chunk has fewer than R copies on live nodes."""
+    def chunks(self, path: Path) -> list[dict]:
+        """path's chunk map through the Python client API ({"idx", "id", "length", "nodes"})."""
+        from kdfs.client import KdfsClient
+
+        with KdfsClient(self.home, timeout=30) as c:
+            return c.query("chunks", ino=os.stat(path).st_ino)
+
+    def copies_per_node(self, path: Path) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for chunk in self.chunks(path):
+            for n in chunk["nodes"]:
+                counts[n] = counts.get(n, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def wait_replicated(self, path: Path, timeout: float, victim: int | None = None,
+                        since: float | None = None) -> list[dict]:
+        """Poll (every 0.2 s) the chunk map of path and the membership until every chunk lists R
+        holders among the online nodes (and, if given, `victim` is no longer online); the polls."""
+        since = time.monotonic() if since is None else since
         deadline = time.monotonic() + timeout
         polls = []
         while True:
-            state = self.fsck()
-            under = under_replicated(state)
-            if since is not None:
-                polls.append((round(time.monotonic() - since, 2), under))
-            if under == 0:
-                return state if since is None else (state, polls)
+            online = self.online()
+            chunks = self.chunks(path)
+            want = min(self.replicas, len(online))
+            under = sum(1 for c in chunks if len(set(c["nodes"]) & online) < want)
+            polls.append({"t": round(time.monotonic() - since, 3), "online": sorted(online), "chunks": len(chunks),
+                          "under_replicated": under})
+            if under == 0 and victim not in online:
+                return polls
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{under} chunks still under-replicated after {timeout:g} s: {state}")
-            time.sleep(0.5)
+                raise RuntimeError(f"{under} of {len(chunks)} chunks of {path} still short of {want} copies on "
+                                   f"online nodes {sorted(online)} after {timeout:g} s")
+            time.sleep(0.2)
 
     def log_tails(self) -> str:
         out = []
@@ -673,25 +716,6 @@ def krgadm_help(home: Home) -> str:
     return r.stdout
 
 
-def under_replicated(fsck: dict) -> int:
-    for key in ("under_replicated", "underreplicated", "under_replicated_chunks"):
-        if key in fsck:
-            v = fsck[key]
-            return len(v) if isinstance(v, (list, dict)) else int(v)
-    raise RuntimeError(f"kdfs fsck --json reports no under-replicated count: keys {sorted(fsck)}")
-
-
-def chunk_copies(stat: dict) -> dict[int, int]:
-    """Copies per node from `kdfs stat FILE --json`."""
-    counts: dict[int, int] = {}
-    for chunk in stat.get("chunks", []):
-        for n in chunk.get("nodes", chunk.get("replicas", [])):
-            counts[int(n)] = counts.get(int(n), 0) + 1
-    if not counts:
-        raise RuntimeError(f"kdfs stat --json lists no chunk copies: {str(stat)[:300]}")
-    return dict(sorted(counts.items()))
-
-
 # -- the machine and its file system -------------------------------------------------------------------------
 
 
@@ -718,8 +742,8 @@ def pressure() -> dict:
     return out
 
 
-def show_pressure(p: dict) -> str:
-    return "(some, 60 s): " + ", ".join(f"{k.split('_')[0]} {v:.0f} %" for k, v in p.items())
+def show_pressure(stalls: dict) -> str:
+    return "(some, 60 s): " + ", ".join(f"{k.split('_')[0]} {v:.0f} %" for k, v in stalls.items())
 
 
 def drop_caches(what: int) -> None:
