@@ -19,12 +19,15 @@ import sys
 import time
 from pathlib import Path
 
+from kdfs import mount as kdfs_mount
+from kerrighed import localcluster
 from kerrighed import membership as mb
 from kerrighed import protocol as p
 from kerrighed.config import Home, atomic_write
 from kerrighed.errors import ConfigError, KrgError, NodeDown, NodeStateError, PermissionDenied, Timeout
 from kerrighed.appcheckpoint import AppCheckpoints
 from kerrighed.jobservice import JobService
+from kerrighed.kdfsservice import KdfsService
 from kerrighed.localsock import Caller, LocalServer
 from kerrighed.stats import node_stats
 from kerrighed.transport import Transport
@@ -92,6 +95,7 @@ class Daemon:
         self.transport = Transport(self.cfg, node, public, secret, self.handle_peer)
         self.jobs = JobService(self)
         self.apps = AppCheckpoints(self)
+        self.kdfs = KdfsService(self) if self.cfg.kdfs.enabled else None
         self.local = LocalServer(home.socket(node), self.handle_local,
                                  streams={p.RunJob: self.jobs.handle_run, p.AttachJob: self.jobs.handle_attach})
         self.stats: dict[int, dict] = {}          # last figures heard from each node
@@ -156,7 +160,10 @@ class Daemon:
             p.AppThaw: self.apps.handle_thaw,
             p.AppDump: self.apps.handle_dump,
             p.AppRestore: self.apps.handle_restore,
+            p.AppDiscard: self.apps.handle_discard,
         }
+        if self.kdfs:
+            self.peer_handlers.update(self.kdfs.peer_handlers)
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -167,7 +174,11 @@ class Daemon:
         node_stats()    # primes psutil's cpu_percent
         await self.transport.start()
         await self.jobs.adopt()
+        if self.kdfs:
+            self.kdfs.start()
         await self.local.start()
+        if self.kdfs:
+            kdfs_mount.ensure(self.home, self.home.state_dir(self.me) / "kdfs-mount.log")
         self.ready.ok()
         if self.member_file.exists():
             # This daemon restarted while its node was in the cluster: go back in by itself.
@@ -180,7 +191,13 @@ class Daemon:
         finally:
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
+            if self.kdfs and not any(localcluster.daemon_pid(self.home, n) for n in self.home.local_nodes()
+                                     if n != self.me):
+                # The last daemon of this machine: the mount flushes through us, then goes.
+                await asyncio.get_running_loop().run_in_executor(None, kdfs_mount.stop, self.home)
             await self.local.close()
+            if self.kdfs:
+                await self.kdfs.close()
             await self.transport.close()
             self.member_file.unlink(missing_ok=True)    # a clean stop leaves; only a crash rejoins
             log.info("node %d %s", self.me, "rebooting" if self.reboot else "stopped")
@@ -188,6 +205,8 @@ class Daemon:
     async def _heartbeat_loop(self) -> None:
         while True:
             self.stats[self.me] = {**node_stats(), "jobs": len(self.jobs.hosted)}
+            if self.kdfs:
+                self.stats[self.me]["kdfs"] = self.kdfs.usage()
             self._broadcast()
             self._apply(self.members.tick(time.monotonic()))
             self.jobs.expire()
@@ -232,6 +251,8 @@ class Daemon:
                         fut.set_result(a.node)
         if actions:
             self.changed.set()
+            if self.kdfs:
+                self.kdfs.membership_changed()
 
     async def request_unless_down(self, node: int, msg: p.Message, timeout: float | None,
                                   payload: list[bytes] = ()) -> object:
@@ -341,6 +362,11 @@ class Daemon:
     # -- dispatch ---------------------------------------------------------------------------------
 
     async def handle_local(self, caller: Caller, msg: p.Message, payload: list[bytes]) -> object:
+        if self.kdfs and type(msg) in self.kdfs.local_handlers:
+            if type(msg) in self.kdfs.root_only and not caller.is_root:
+                raise PermissionDenied(f"{msg.op}: permission denied (KDFS's raw operations are root's; "
+                                       "users go through the mount)")
+            return await self.kdfs.local_handlers[type(msg)](msg, caller, payload)
         handler = self.local_handlers.get(type(msg))
         if handler is None:
             raise KrgError(f"{msg.op} is not a command of the local socket")

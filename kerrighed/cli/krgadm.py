@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from kdfs import mount as kdfs_mount
 from kerrighed import localcluster
 from kerrighed import protocol as p
 from kerrighed.cli._common import add_common_options, connect, print_json, run_main
@@ -186,7 +187,13 @@ def cluster_start(args) -> int:
         print("done")
         args.node = args.node or nodes[0]
         with connect(args) as c:
-            return add_nodes(c, nodes, args.wait)
+            status = add_nodes(c, nodes, args.wait)
+        if status == 0 and cfg.kdfs.enabled:
+            try:
+                print(f"KDFS mounted on {kdfs_mount.wait_mounted(home, args.wait)}")
+            except TimeoutError as e:
+                raise KrgError(f"{e}; see {home.state_dir(nodes[0]) / 'kdfs-mount.log'}") from None
+        return status
     with connect(args) as c:
         nodes = [n["id"] for n in c.call(p.NodesStatus())["nodes"] if n["state"] != "possible"]
         return add_nodes(c, nodes, args.wait)
@@ -197,6 +204,7 @@ def cluster_stop(args) -> int:
     running = localcluster.running_nodes(home)
     if running:
         print(f"Stopping nodes [{format_node_list(running)}]... ", end="", flush=True)
+    kdfs_mount.stop(home)                     # flushes through the daemons, so before them
     for n in home.local_nodes():
         localcluster.stop_daemon(home, n)     # also clears what a killed daemon left behind
     print("done" if running else "No node daemon running.")
@@ -215,6 +223,7 @@ def cluster_poweroff(args) -> int:
             print("fail (daemons still running)")
             return 1
         time.sleep(0.05)
+    kdfs_mount.stop(home)
     print("done")
     return 0
 

@@ -1,0 +1,413 @@
+"""The KDFS file system core: what the mount does, without the mount (docs/kdfs.md).
+
+Metadata calls go to the local daemon (whose replica answers reads, and whose leader orders
+changes). File data is buffered per open file, chunk by chunk: a chunk that fills up is uploaded at
+once (in the background, a few at a time), and flush/fsync/release upload the rest and commit the
+file's new chunk map in one metadata change, so a file shows its old or its new content, never half.
+Writing into an existing chunk reads it first (chunks are immutable: the new content goes under a
+new id). Reads go through a cache of 64 KiB blocks; a sequential reader fetches 1 MiB at a time.
+
+Thread-safe: the FUSE adapter calls it from worker threads, each with its own daemon connection.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import stat
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+from kdfs.client import KdfsClient, new_chunk_id
+from kerrighed.errors import FsError
+
+log = logging.getLogger(__name__)
+
+BLOCK = 64 << 10
+READ_AHEAD = 16                 # blocks a sequential reader fetches at once (1 MiB)
+ROOT = 1
+
+
+class BlockCache:
+    """An LRU of (chunk id, block number) -> bytes. Chunks never change, so nothing goes stale."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size = limit, 0
+        self._d: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int]) -> bytes | None:
+        with self._lock:
+            v = self._d.get(key)
+            if v is not None:
+                self._d.move_to_end(key)
+            return v
+
+    def put(self, key: tuple[str, int], value: bytes) -> None:
+        with self._lock:
+            old = self._d.pop(key, None)
+            if old is not None:
+                self.size -= len(old)
+            self._d[key] = value
+            self.size += len(value)
+            while self.size > self.limit and self._d:
+                _, v = self._d.popitem(last=False)
+                self.size -= len(v)
+
+
+class OpenFile:
+    """The data state of one open inode (however many handles)."""
+
+    def __init__(self, ino: int, size: int, refs: dict[int, dict]):
+        self.ino = ino
+        self.size = size
+        self.refs = refs                          # idx -> committed chunk ref
+        self.dirty: dict[int, bytearray] = {}     # idx -> whole new content of that chunk
+        self.uploads: dict[int, tuple[bytearray, Future]] = {}   # idx -> (content, put future)
+        self.pending: dict[int, dict] = {}        # uploaded, not yet committed
+        self.mtime_ns: int | None = None
+        self.opens = 0
+        self.lock = threading.RLock()
+        self.next_read = -1                       # where a sequential reader reads next
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.dirty or self.uploads or self.pending) or self.mtime_ns is not None
+
+
+class FileSystem:
+    def __init__(self, connect: Callable[[], KdfsClient], chunk_size: int, cache_bytes: int = 256 << 20,
+                 max_uploads: int = 8, commit_every: int = 64 << 20):
+        self._connect = connect
+        self.chunk_size = chunk_size
+        self.max_uploads, self.commit_every = max_uploads, commit_every
+        self.cache = BlockCache(cache_bytes)
+        self._tls = threading.local()
+        self._lock = threading.Lock()
+        self._files: dict[int, OpenFile] = {}
+        self._lookups: collections.Counter[int] = collections.Counter()
+        self._orphans: set[int] = set()           # unlinked while known to the kernel
+        self._uploader = ThreadPoolExecutor(4, thread_name_prefix="kdfs-put")
+        self._clients: list[KdfsClient] = []
+
+    @property
+    def client(self) -> KdfsClient:
+        c = getattr(self._tls, "client", None)
+        if c is None:
+            c = self._tls.client = self._connect()
+            with self._lock:
+                self._clients.append(c)
+        return c
+
+    def close(self) -> None:
+        self.flush_all()
+        self._uploader.shutdown(wait=True)
+        with self._lock:
+            for c in self._clients:
+                c.close()
+            self._clients.clear()
+
+    # -- names and attributes ---------------------------------------------------------------------
+
+    def _known(self, attr: dict, n: int = 1) -> dict:
+        with self._lock:
+            self._lookups[attr["ino"]] += n
+        return attr
+
+    def lookup(self, parent: int, name: bytes) -> dict:
+        return self._known(self._fresh(self.client.query("lookup", parent=parent, name=name)))
+
+    def getattr(self, ino: int) -> dict:
+        return self._fresh(self.client.query("getattr", ino=ino))
+
+    def _fresh(self, attr: dict) -> dict:
+        """Attributes as this mount sees them: an open file's unflushed size and mtime count."""
+        f = self._files.get(attr["ino"])
+        if f is not None and f.modified:
+            attr = {**attr, "size": f.size}
+            if f.mtime_ns is not None:
+                attr["mtime_ns"] = attr["ctime_ns"] = max(attr["mtime_ns"], f.mtime_ns)
+        return attr
+
+    def setattr(self, ino: int, fields: dict) -> dict:
+        f = self._files.get(ino)
+        if "size" in fields and f is not None:
+            with f.lock:
+                self._flush(f)
+                result = self.client.change("setattr", ino=ino, **fields)
+                f.size = fields["size"]
+                f.refs = {r["idx"]: r for r in self.client.query("chunks", ino=ino)}
+                return result["attr"]
+        return self._fresh(self.client.change("setattr", ino=ino, **fields)["attr"])
+
+    def _owner(self, parent: int, uid: int, gid: int, mode: int) -> tuple[int, int, int]:
+        """BSD group semantics under a set-group-ID directory, as Linux does."""
+        p = self.client.query("getattr", ino=parent)
+        if p["mode"] & stat.S_ISGID:
+            gid = p["gid"]
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return uid, gid, mode
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> dict:
+        uid, gid, mode = self._owner(parent, uid, gid, mode)
+        return self._known(self.client.change("mknod", parent=parent, name=name, mode=mode, uid=uid, gid=gid,
+                                              rdev=rdev)["attr"])
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> dict:
+        uid, gid, mode = self._owner(parent, uid, gid, mode | stat.S_IFDIR)
+        return self._known(self.client.change("mkdir", parent=parent, name=name, mode=stat.S_IMODE(mode),
+                                              uid=uid, gid=gid)["attr"])
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> dict:
+        uid, gid, _ = self._owner(parent, uid, gid, stat.S_IFLNK)
+        return self._known(self.client.change("symlink", parent=parent, name=name, target=target,
+                                              uid=uid, gid=gid)["attr"])
+
+    def link(self, ino: int, parent: int, name: bytes) -> dict:
+        return self._known(self._fresh(self.client.change("link", ino=ino, parent=parent, name=name)["attr"]))
+
+    def readlink(self, ino: int) -> bytes:
+        return self.client.query("readlink", ino=ino)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        r = self.client.change("unlink", parent=parent, name=name)
+        if r.get("nlink") == 0:
+            self._orphaned(r["ino"])
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self.client.change("rmdir", parent=parent, name=name)
+
+    def rename(self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
+        r = self.client.change("rename", parent=parent, name=name, newparent=newparent, newname=newname,
+                               flags=flags)
+        if r.get("replaced") is not None and r.get("nlink") == 0:
+            self._orphaned(r["replaced"])
+
+    def _orphaned(self, ino: int) -> None:
+        """The last name went: the inode lives while the kernel knows it (open files), then goes."""
+        with self._lock:
+            if self._lookups[ino] > 0 or ino in self._files:
+                self._orphans.add(ino)
+                return
+        self.client.change("forget", ino=ino)
+
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        gone = []
+        with self._lock:
+            for ino, n in items:
+                self._lookups[ino] -= n
+                if self._lookups[ino] <= 0:
+                    del self._lookups[ino]
+                    if ino in self._orphans and ino not in self._files:
+                        self._orphans.discard(ino)
+                        gone.append(ino)
+        for ino in gone:
+            self.client.change("forget", ino=ino)
+
+    def readdir(self, ino: int) -> list[tuple[bytes, dict]]:
+        """The whole listing, read in pages (readdir of a 100,000-entry directory is 20 requests)."""
+        out: list[tuple[bytes, dict]] = []
+        after = None
+        while True:
+            page = self.client.query("readdir", ino=ino, after=after, limit=5000)
+            out.extend((bytes(n), self._fresh(a)) for n, a in page)
+            if len(page) < 5000:
+                return out
+            after = out[-1][0]
+
+    def statfs(self) -> dict:
+        return self.client.status()
+
+    # -- open files -------------------------------------------------------------------------------
+
+    def open(self, ino: int) -> None:
+        with self._lock:
+            f = self._files.get(ino)
+            if f is not None:
+                f.opens += 1
+                return
+        attr = self.client.query("getattr", ino=ino)
+        refs = {r["idx"]: r for r in self.client.query("chunks", ino=ino)}
+        with self._lock:
+            f = self._files.get(ino)
+            if f is None:
+                f = self._files[ino] = OpenFile(ino, attr["size"], refs)
+            f.opens += 1
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> dict:
+        attr = self.mknod(parent, name, mode, 0, uid, gid)
+        with self._lock:
+            f = self._files[attr["ino"]] = OpenFile(attr["ino"], 0, {})
+            f.opens += 1
+        return attr
+
+    def release(self, ino: int) -> None:
+        f = self._files.get(ino)
+        if f is None:
+            return
+        try:
+            self.flush(ino)
+        finally:
+            forget = False
+            with self._lock:
+                f.opens -= 1
+                if f.opens <= 0:
+                    del self._files[ino]
+                    if ino in self._orphans and self._lookups[ino] <= 0:
+                        self._orphans.discard(ino)
+                        forget = True
+            if forget:
+                self.client.change("forget", ino=ino)
+
+    def flush(self, ino: int) -> None:
+        f = self._files.get(ino)
+        if f is not None:
+            with f.lock:
+                self._flush(f)
+
+    def fsync(self, ino: int) -> None:
+        f = self._files.get(ino)
+        if f is None:
+            return
+        with f.lock:
+            self._flush(f)
+            self.client.sync([(r["id"], r["nodes"]) for r in f.refs.values()])
+
+    def flush_all(self) -> None:
+        for ino in list(self._files):
+            try:
+                self.flush(ino)
+            except Exception:
+                log.exception("kdfs: could not flush inode %d", ino)
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        f = self._files[ino]
+        with f.lock:
+            end = min(offset + size, f.size)
+            if offset >= end:
+                return b""
+            sequential = offset == f.next_read
+            f.next_read = end
+            out = bytearray()
+            cs = self.chunk_size
+            for idx in range(offset // cs, (end - 1) // cs + 1):
+                base = idx * cs
+                lo, hi = max(offset, base) - base, min(end, base + cs) - base
+                out += self._piece(f, idx, lo, hi, sequential)
+            return bytes(out)
+
+    def _piece(self, f: OpenFile, idx: int, lo: int, hi: int, sequential: bool) -> bytes:
+        buf = f.dirty.get(idx)
+        if buf is None and idx in f.uploads:
+            buf = f.uploads[idx][0]
+        if buf is not None:
+            piece = bytes(buf[lo:hi])
+            return piece + bytes(hi - lo - len(piece))
+        ref = f.pending.get(idx) or f.refs.get(idx)
+        if ref is None:
+            return bytes(hi - lo)                   # a hole
+        have = min(hi, ref["length"])
+        piece = self._read_ref(ref, lo, have, sequential) if have > lo else b""
+        return piece + bytes(hi - lo - len(piece))
+
+    def _read_ref(self, ref: dict, lo: int, hi: int, sequential: bool) -> bytes:
+        first, last = lo // BLOCK, (hi - 1) // BLOCK
+        blocks = {b: self.cache.get((ref["id"], b)) for b in range(first, last + 1)}
+        missing = [b for b, v in blocks.items() if v is None]
+        if missing:
+            start, stop = missing[0], missing[-1] + 1
+            if sequential:
+                stop = max(stop, min(start + READ_AHEAD, -(-ref["length"] // BLOCK)))
+            data = self.client.get(ref["id"], ref["nodes"], start * BLOCK, (stop - start) * BLOCK)
+            for b in range(start, stop):
+                piece = bytes(data[(b - start) * BLOCK:(b - start + 1) * BLOCK])
+                self.cache.put((ref["id"], b), piece)
+                if b in blocks:
+                    blocks[b] = piece
+        joined = b"".join(blocks[b] for b in range(first, last + 1))
+        return joined[lo - first * BLOCK:hi - first * BLOCK]
+
+    def write(self, ino: int, offset: int, data: bytes) -> int:
+        f = self._files[ino]
+        cs = self.chunk_size
+        with f.lock:
+            pos = 0
+            while pos < len(data):
+                idx = (offset + pos) // cs
+                lo = offset + pos - idx * cs
+                n = min(cs - lo, len(data) - pos)
+                buf = self._writable(f, idx)
+                if len(buf) < lo:
+                    buf.extend(bytes(lo - len(buf)))
+                buf[lo:lo + n] = data[pos:pos + n]
+                pos += n
+                if len(buf) >= cs:
+                    self._start_upload(f, idx)
+            f.size = max(f.size, offset + len(data))
+            f.mtime_ns = time.time_ns()
+        return len(data)
+
+    def _writable(self, f: OpenFile, idx: int) -> bytearray:
+        buf = f.dirty.get(idx)
+        if buf is not None:
+            return buf
+        if idx in f.uploads:
+            # Written again while on its way: let it land, then write a newer version.
+            content, fut = f.uploads.pop(idx)
+            f.pending[idx] = fut.result()
+            buf = bytearray(content)
+        else:
+            ref = f.pending.get(idx) or f.refs.get(idx)
+            buf = bytearray()
+            if ref is not None and ref["length"] > 0:
+                buf += self.client.get(ref["id"], ref["nodes"], 0, ref["length"])[:ref["length"]]
+        f.dirty[idx] = buf
+        return buf
+
+    def _start_upload(self, f: OpenFile, idx: int) -> None:
+        buf = f.dirty.pop(idx)
+        while len(f.uploads) >= self.max_uploads:
+            oldest = min(f.uploads)
+            f.pending[oldest] = f.uploads.pop(oldest)[1].result()
+        size_hint = f.size
+        f.uploads[idx] = (buf, self._uploader.submit(self._put, f.ino, idx, bytes(buf), size_hint))
+        if len(f.pending) * self.chunk_size >= self.commit_every:
+            self._commit(f)
+
+    def _put(self, ino: int, idx: int, data: bytes, size_hint: int) -> dict:
+        chunk_id = new_chunk_id()
+        nodes = self.client.put(chunk_id, data, ino, idx, size_hint)
+        return {"idx": idx, "id": chunk_id, "length": len(data), "nodes": nodes}
+
+    def _flush(self, f: OpenFile) -> None:
+        """Upload what is buffered and commit the file's new chunks (f.lock is held)."""
+        for idx in sorted(f.dirty):
+            self._start_upload(f, idx)
+        errors = []
+        for idx, (_, fut) in sorted(f.uploads.items()):
+            try:
+                f.pending[idx] = fut.result()
+            except Exception as e:
+                errors.append(e)
+        f.uploads.clear()
+        if errors:
+            f.pending.clear()
+            f.mtime_ns = None
+            e = errors[0]
+            raise e if isinstance(e, FsError) else FsError.of(errno.EIO, f"chunk upload failed: {e}")
+        self._commit(f)
+
+    def _commit(self, f: OpenFile) -> None:
+        if not f.pending and f.mtime_ns is None:
+            return
+        refs = [f.pending[i] for i in sorted(f.pending)]
+        self.client.change("commit", ino=f.ino, chunks=refs, size=f.size, mtime_ns=f.mtime_ns or time.time_ns())
+        for r in refs:
+            f.refs[r["idx"]] = r
+        f.pending.clear()
+        if not f.dirty and not f.uploads:
+            f.mtime_ns = None
