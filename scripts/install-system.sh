@@ -19,6 +19,7 @@ APT_PACKAGES=(
   protobuf-c-compiler libprotobuf-c-dev libprotobuf-dev protobuf-compiler libnl-3-dev libnet1-dev
   libcap-dev libbsd-dev libgnutls28-dev python3-protobuf libnftables-dev uuid-dev libdrm-dev
   iproute2 procps util-linux patch
+  git sqlite3 tar e2fsprogs   # real workloads the KDFS tests run inside the mount (git, sqlite3, tar, make)
 )
 
 log() { printf 'install-system: %s\n' "$*" >&2; }
