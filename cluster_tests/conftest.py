@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from kdfs import mount as kdfs_mount
 from kerrighed import localcluster
 from kerrighed import protocol as p
 from kerrighed.client import Client
@@ -85,6 +86,7 @@ class LocalCluster:
         return self.home.logfile(node).read_text(errors="replace")
 
     def stop_all(self) -> None:
+        kdfs_mount.stop(self.home)
         for n in localcluster.running_nodes(self.home):
             localcluster.stop_daemon(self.home, n)
 
@@ -142,7 +144,7 @@ def make_home():
         # Shepherds outlive their daemon on purpose (a restarted daemon adopts them): a test that
         # leaves one behind leaks a process.
         for proc in psutil.process_iter(["cmdline"]):
-            if any(a.startswith(f"{home.path}/") for a in proc.info["cmdline"] or ()):
+            if any(a.startswith(f"{home.path}/") or a == str(home.path) for a in proc.info["cmdline"] or ()):
                 leaks.append(f"process {proc.pid} {' '.join(proc.info['cmdline'])[:80]}")
                 try:
                     proc.kill()
@@ -155,6 +157,10 @@ def make_home():
                 os.kill(pid, signal.SIGKILL)
             if home.socket(n).exists():
                 leaks.append(f"socket {home.socket(n)}")
+        for line in Path("/proc/mounts").read_text().splitlines():
+            if line.split()[1].startswith(f"{home.path}/"):
+                leaks.append(f"mount {line.split()[1]} ({line.split()[2]})")
+                subprocess.run(["umount", "-l", line.split()[1]], capture_output=True)
         shutil.rmtree(home.path, ignore_errors=True)
     assert not leaks, f"left behind: {leaks}"
 

@@ -79,7 +79,9 @@ class KdfsService:
             p.KdfsFsck: self.handle_fsck,
             p.KdfsRebalance: self.handle_rebalance,
         }
-        self.root_only = {p.KdfsMeta, p.KdfsQuery, p.KdfsPut, p.KdfsGet, p.KdfsSync, p.KdfsFsck, p.KdfsRebalance}
+        # Users reach KDFS through the mount (the kernel checks permissions); here they may only ask
+        # about their own files (kdfs stat) and the space (kdfs df).
+        self.root_only = {p.KdfsMeta, p.KdfsPut, p.KdfsGet, p.KdfsSync, p.KdfsFsck, p.KdfsRebalance}
         self.peer_handlers = {
             p.KdfsPropose: self.handle_propose,
             p.KdfsApply: self.handle_apply,
@@ -363,6 +365,9 @@ class KdfsService:
         a = msg.args
         m = self.meta
         q = msg.query
+        if not caller.is_root:
+            if q not in ("getattr", "chunks") or m.getattr(a["ino"])["uid"] != caller.uid:
+                raise PermissionDenied(f"kdfs: permission denied (uid {caller.uid} may only look at its own files)")
         if q == "getattr":
             return m.getattr(a["ino"])
         if q == "lookup":
