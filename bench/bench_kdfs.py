@@ -219,8 +219,12 @@ class Run:
                 figures[name] = {"runs": runs, **target.facts()}
             except Exception as e:
                 traceback.print_exc()
+                logs = target.log_tails() if isinstance(target, Kdfs) else ""
+                if logs:
+                    print(f"{target.title}: logs at the failure: {logs}")
                 self.problems.append(f"{name}: {type(e).__name__}: {e}")
-                figures[name] = {"error": f"{type(e).__name__}: {e}", **({"runs": runs} if runs else {})}
+                figures[name] = {"error": f"{type(e).__name__}: {e}", **({"logs": logs} if logs else {}),
+                                 **({"runs": runs} if runs else {})}
             finally:
                 self.stop(target)
         if "rereplicate" in targets:
@@ -440,7 +444,7 @@ class Run:
         if not fsck.get("ok"):
             self.problems.append(f"rereplicate: `kdfs fsck --json` after re-replication: not ok: {kinds}")
         fig.update({f"verify_{k}": v for k, v in self.sequential_read(path).items()})
-        print(f"{target.title}: then `kdfs fsck --json` ({fig['fsck_after_s']:.1f} s): "
+        print(f"{target.title}: then {fsck['through']} ({fig['fsck_after_s']:.1f} s): "
               f"{'ok' if fsck.get('ok') else 'NOT OK'} ({fsck.get('chunks')} chunks, problems {kinds or 'none'}); "
               f"the file read back {'intact' if not fig['verify_read_bad_blocks'] else 'DAMAGED'} at "
               f"{fig['verify_read_MBps']:.0f} MB/s (cold)")
@@ -610,9 +614,15 @@ class Kdfs(Target):
 
     def facts(self) -> dict:
         try:
-            df = self.kdfs_json("df")
+            if KDFS.exists():
+                df = self.kdfs_json("df")
+            else:
+                from kdfs.client import KdfsClient
+
+                with KdfsClient(self.home, timeout=30) as c:
+                    df = c.status()
         except Exception as e:
-            df = f"kdfs df --json: {e}"
+            df = f"kdfs df: {e}"
         return {"nodes": self.nodes, "replicas": self.replicas, "chunk_size": self.chunk_size, "df": df}
 
     # -- the kdfs command ------------------------------------------------------------------------------
@@ -632,8 +642,14 @@ class Kdfs(Target):
             raise RuntimeError(f"kdfs {' '.join(args)} --json printed no JSON ({e}): {r.stdout[:300]}") from None
 
     def fsck(self) -> dict:
-        """`kdfs fsck --json` (every copy on every online node read and checked)."""
-        return self.kdfs_json("fsck")
+        """`kdfs fsck --json` (every copy on every online node read and checked); the client API's
+        fsck() while the command is not installed."""
+        if KDFS.exists():
+            return {"through": "kdfs fsck --json", **self.kdfs_json("fsck")}
+        from kdfs.client import KdfsClient
+
+        with KdfsClient(self.home, timeout=600) as c:
+            return {"through": f"KdfsClient.fsck() (no {KDFS} command)", **c.fsck()}
 
     def online(self) -> set[int]:
         """The nodes online, as a live daemon of the cluster sees them."""
@@ -678,11 +694,14 @@ class Kdfs(Target):
             time.sleep(0.2)
 
     def log_tails(self) -> str:
+        """The last lines of every daemon's log and of the mount's."""
         out = []
         for n in self.home.local_nodes():
-            with contextlib.suppress(OSError):
-                out.append(f"node {n}: " + " | ".join(self.home.logfile(n).read_text(errors="replace")
-                                                       .splitlines()[-5:]))
+            for what, path in (("krgd", self.home.logfile(n)), ("mount", self.home.state_dir(n) / "kdfs-mount.log")):
+                with contextlib.suppress(OSError):
+                    lines = path.read_text(errors="replace").splitlines()[-8:]
+                    if lines:
+                        out.append(f"node {n} {what}: " + " | ".join(lines))
         return "; ".join(out) or "no daemon log"
 
 
@@ -700,13 +719,11 @@ def kdfs_missing() -> str | None:
         from kerrighed.config import KdfsConfig  # noqa: F401
     except ImportError:
         return "kerrighed.config has no KdfsConfig ([kdfs] table)"
-    for module in ("kdfs.mount", "kdfs.cli", "kerrighed.kdfsservice"):
+    for module in ("kdfs.mount", "kdfs.client", "kerrighed.kdfsservice"):
         try:
             __import__(module)
         except Exception as e:
             return f"import {module}: {type(e).__name__}: {e}"
-    if not KDFS.exists():
-        return f"no {KDFS} command (reinstall the project: pip install -e .)"
     return None
 
 
