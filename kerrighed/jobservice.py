@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kerrighed import protocol as p
-from kerrighed.caps import Capabilities
+from kerrighed.caps import Cap, Capabilities
 from kerrighed.errors import (JobLost, KrgError, NodeDown, NodeStateError, NoSuchJob, PermissionDenied,
                               ProtocolError, UsageError)
 from kerrighed.ids import make_gpid
@@ -120,12 +120,20 @@ class JobService:
                 raise UsageError("no program to run")
             node = self.place(msg, caller.uid)
             gpid = self.gpids.allocate(self.hosted.keys() | self.finished.keys() | self.sessions.keys())
-            app = self.app_of(caller.pid) or await self._joinable(msg.app, caller.uid) or gpid
+            caps = self.inherited_caps(caller.pid)
+            if msg.new_app:                  # krg run --app: like Kerrighed's krgcr-run
+                app, caps = gpid, _checkpointable(caps)
+            elif msg.join_app is not None:   # krg run --app APPID: that one or nothing
+                app = await self._joinable(msg.join_app, caller.uid)
+                if app is None:
+                    raise PermissionDenied(f"application {msg.join_app} is not one of yours "
+                                           f"(no running job of uid {caller.uid} in it)")
+            else:
+                app = self.app_of(caller.pid) or await self._joinable(msg.app, caller.uid) or gpid
             start = p.JobStart(
                 gpid=gpid, argv=msg.argv, env={**msg.env, "KRG_APP": str(app)}, cwd=msg.cwd, umask=msg.umask,
                 uid=caller.uid, gid=caller.gid, groups=caller_groups(caller.pid), origin=self.me, tty=msg.tty,
-                rows=msg.rows, cols=msg.cols, detach=msg.detach, window=msg.window,
-                caps=self.inherited_caps(caller.pid).to_dict(), app=app)
+                rows=msg.rows, cols=msg.cols, detach=msg.detach, window=msg.window, caps=caps.to_dict(), app=app)
             session = None if msg.detach else Session(self, gpid, node, caller, writer, msg.window)
             if session:
                 self.sessions[gpid] = session
@@ -141,7 +149,7 @@ class JobService:
             await _send(writer, p.Error.of(e))
             return
         log.info("job %d (%s) of uid %d started on node %d", gpid, msg.argv[0], caller.uid, node)
-        await _send(writer, p.Ok(result={"gpid": gpid, "node": node}))
+        await _send(writer, p.Ok(result={"gpid": gpid, "node": node, "app": app}))
         if session:
             session.open()
             await session.run(reader)
@@ -198,6 +206,9 @@ class JobService:
 
     async def handle_job_attach(self, node: int, msg: p.JobAttach, payload):
         job = self._hosted(msg.gpid)
+        if job.record.origin != msg.origin:      # a restarted job attached to by `restart -f`
+            job.record.origin = msg.origin       # where job.moved and node failures must look
+            job.save()
         job.attach(RemoteSink(self.d, msg.origin, msg.gpid) if msg.origin != self.me else self.sessions.get(msg.gpid),
                    msg.window)
         return p.Ok()
@@ -732,6 +743,14 @@ def _caps(d: dict | None) -> Capabilities:
     return Capabilities.from_dict(d) if d else Capabilities.DEFAULT
 
 
+def _checkpointable(caps: Capabilities) -> Capabilities:
+    """The root of a new application: CHECKPOINTABLE effective and inheritable-effective (what
+    Kerrighed's krgcr-run gave it), as far as its permitted sets allow."""
+    bit = Cap.CHECKPOINTABLE.mask
+    return Capabilities(caps.permitted, caps.effective | (bit & caps.permitted), caps.inheritable_permitted,
+                        caps.inheritable_effective | (bit & caps.inheritable_permitted))
+
+
 def _stat(pid: int) -> list[str] | None:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -865,10 +884,15 @@ class Session:
             # The command went away with its job still running: hang up on the job, as a
             # terminal closing would, and keep its output in its log.
             log.info("job %d: its command went away; sending SIGHUP", self.gpid)
-            self.over = True
-            self.svc.sessions.pop(self.gpid, None)
-            await self._to_job(lambda j: j.attach(None, 0), None)
+            await self._let_go()
             await self._signal(signal.SIGHUP)
+
+    async def _let_go(self) -> None:
+        """The job's output goes to its log from now on (the job's host is told if it is remote)."""
+        self.over = True
+        self.svc.sessions.pop(self.gpid, None)
+        # job.attach to the host itself, where no session of this job is: its log.
+        await self._to_job(lambda j: j.attach(None, 0), p.JobAttach(gpid=self.gpid, origin=self.node, window=0))
 
     async def _from_command(self, msg: p.Message, payload: list[bytes]) -> None:
         if isinstance(msg, p.Input):
@@ -882,6 +906,10 @@ class Session:
                                p.JobWinsize(gpid=self.gpid, rows=msg.rows, cols=msg.cols))
         elif isinstance(msg, p.Signal):
             await self._signal(msg.signal)
+        elif isinstance(msg, p.Detach):
+            log.info("job %d: its command let go of it", self.gpid)
+            await self._let_go()
+            self.writer.close()
         else:
             raise KrgError(f"{msg.op} is not a message of a job session")
 

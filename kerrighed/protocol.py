@@ -331,6 +331,8 @@ class RunJob(Message):
     detach: bool = False
     window: int = 1 << 20             # output bytes the command accepts before it grants more
     app: int | None = None            # the application to join ($KRG_APP inside a job)
+    new_app: bool = False             # krg run --app: the root of a new (checkpointable) application
+    join_app: int | None = None       # krg run --app APPID: join this application of the caller's, or fail
 
 
 @message("proc.attach")
@@ -377,9 +379,15 @@ class CheckpointApp(Message):
 
 @message("proc.restart")
 class RestartApp(Message):
+    """Restore every job of a checkpoint: each on the node that dumped it when that node is online,
+    else where the scheduler places it; `node` puts them all on one node, `spread` places every
+    one through the scheduler."""
+
     appid: int
     version: int
-    frozen: bool = False              # -U: leave it frozen
+    frozen: bool = False              # -U (and restart -f, which attaches before it thaws)
+    node: int | None = None
+    spread: bool = False
 
 
 @message("caps.get")
@@ -442,6 +450,11 @@ class Exit(Message):
 @message("io.lost")
 class Lost(Message):
     reason: str
+
+
+@message("io.detach")
+class Detach(Message):
+    """The command lets go of the job without hanging up on it: its output goes to its log."""
 
 
 # -- jobs: node to node ---------------------------------------------------------------------------------
@@ -583,15 +596,28 @@ class AppDump(Message):
 @message("app.thaw")
 class AppThaw(Message):
     app: int
+    uid: int                          # who asks: the hosting node checks ownership
     signal: int = 0                   # 0: continue; else end the jobs with this signal
 
 
 @message("app.restore")
 class AppRestore(Message):
+    """Restore these jobs here, stopped (the coordinator thaws them once every node has its own);
+    with `check`, only make sure this node can read their images and take their global PIDs."""
+
     appid: int
     version: int
     jobs: list[list[int]]             # [[node it was dumped on, gpid], ...] to restore here
-    frozen: bool = False
+    check: bool = False
+
+
+@message("app.discard")
+class AppDiscard(Message):
+    """Of these jobs of `appid`: kill those running here and forget the statuses of those that
+    ended here (a restart that failed is undone; one that worked leaves no stale status)."""
+
+    appid: int
+    gpids: list[int]
 
 
 @message("job.event")

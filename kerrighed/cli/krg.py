@@ -1,6 +1,6 @@
 """krg: the cluster seen as one machine, for every user.
 
-    krg run [-n NODE] [-d] [-p] [-t|-T] [--] PROGRAM ARGS...   run a program on the cluster
+    krg run [-n NODE] [-d] [-p] [-t|-T] [-a [APPID]] [--] PROGRAM ARGS...   run a program on the cluster
     krg ps [-u USER] [-n NODE] [--json]      every job of the cluster
     krg kill [-SIG|-s SIG] GPID...           signal jobs wherever they run
     krg wait GPID                            wait for a job; its exit status
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-p", "--print-pid", action="store_true", help="print the job's global PID on stderr first")
     s.add_argument("-t", dest="tty", action="store_const", const=True, help="force a pseudo-terminal")
     s.add_argument("-T", dest="tty", action="store_const", const=False, help="never a pseudo-terminal")
+    s.add_argument("-a", "--app", metavar="APPID", nargs="?", const="new",
+                   help="the root of a new checkpointable application (prints its id); "
+                        "with APPID, join that application of yours")
     s.add_argument("argv", nargs=argparse.REMAINDER, metavar="PROGRAM ARGS")
     s = sub.add_parser("ps", help="every job of the cluster")
     s.add_argument("-u", "--user", help="only this user's jobs (name or uid)")
@@ -60,12 +63,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _app_option(argv)
     # `krg kill -9 GPID` / `krg kill -TERM GPID`, as kill(1) takes them.
     if "kill" in argv:
         i = argv.index("kill") + 1
         if i < len(argv) and argv[i].startswith("-") and argv[i][1:] and argv[i][1] not in "s-h":
             argv[i:i + 1] = ["-s", argv[i][1:]]
     return run_main("krg", build_parser(), argv, dispatch)
+
+
+def _app_option(argv: list[str]) -> None:
+    """`krg run --app` takes an application id only when one follows (`--app 42`, `-a42`,
+    `--app=42`): a bare `--app PROGRAM` starts a new application, whatever PROGRAM is called."""
+    if "run" not in argv:
+        return
+    i = argv.index("run") + 1
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":
+        arg = argv[i]
+        if arg in ("-n", "--on"):
+            i += 2
+            continue
+        if arg in ("-a", "--app"):
+            if i + 1 < len(argv) and argv[i + 1].isdigit():
+                argv[i:i + 2] = [f"--app={argv[i + 1]}"]
+            else:
+                argv[i] = "--app=new"
+        i += 1
 
 
 def dispatch(args) -> int:
@@ -88,11 +111,20 @@ def run(args) -> int:
     use_tty = (sys.stdin.isatty() and sys.stdout.isatty()) if args.tty is None else args.tty
     if args.detach:
         use_tty = False
+    new_app, join_app = args.app == "new", None
+    if args.app is not None and not new_app:
+        if not args.app.isdigit() or int(args.app) < 1:
+            raise UsageError(f"invalid application id {args.app!r}")
+        join_app = int(args.app)
     path = find_socket(Home.resolve(args.home), args.node)
-    conn, started = krg_run.launch(path, argv, args.target, args.detach, use_tty)
+    conn, started = krg_run.launch(path, argv, args.target, args.detach, use_tty, new_app=new_app,
+                                   join_app=join_app)
     if args.detach:
-        print(f"Running application {started['gpid']}")
+        # Kerrighed's krgcr-run line; a job's global PID is the id of the application it starts.
+        print(f"Running application {started.get('app') if new_app else started['gpid']}")
         return 0
+    if new_app:
+        print(f"Running application {started.get('app')}", file=sys.stderr, flush=True)
     if args.print_pid:
         print(started["gpid"], file=sys.stderr, flush=True)
     while True:

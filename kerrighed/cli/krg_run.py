@@ -108,22 +108,39 @@ def _parse(buf: bytearray) -> tuple[list[bytes] | None, int]:
     return frames, off
 
 
-def launch(path, argv: list[str], node: int | None, detach: bool, use_tty: bool) -> tuple[Connection, dict]:
+def _connect(path) -> Connection:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
     except (FileNotFoundError, ConnectionRefusedError) as e:
         sock.close()
         raise NotRunning(f"cannot reach krgd at {path}: {e.strerror}") from None
-    conn = Connection(sock)
+    return Connection(sock)
+
+
+def launch(path, argv: list[str], node: int | None, detach: bool, use_tty: bool, new_app: bool = False,
+           join_app: int | None = None) -> tuple[Connection, dict]:
+    conn = _connect(path)
     umask = os.umask(0)
     os.umask(umask)
     rows, cols = _winsize() if use_tty else (24, 80)
     app = os.environ.get("KRG_APP", "")      # set in every job: its children join its application
     conn.send(p.RunJob(argv=argv, env=dict(os.environ), cwd=os.getcwd(), umask=umask, node=node,
                        tty=use_tty, rows=rows, cols=cols, detach=detach, window=WINDOW,
-                       app=int(app) if app.isdigit() else None))
+                       app=int(app) if app.isdigit() else None, new_app=new_app, join_app=join_app))
     return conn, conn.wait_reply()
+
+
+def attach(path, gpid: int) -> Connection:
+    """Take a running job's stdio (restart -f): its output comes to us from now on."""
+    conn = _connect(path)
+    try:
+        conn.send(p.AttachJob(gpid=gpid, window=WINDOW))
+        conn.wait_reply()
+    except BaseException:
+        conn.sock.close()
+        raise
+    return conn
 
 
 REATTACH_TIMEOUT = 30.0
@@ -157,8 +174,11 @@ def _winsize() -> tuple[int, int]:
         return 24, 80
 
 
-def stream(conn: Connection, use_tty: bool) -> int:
-    """Relay stdio and signals until the job ends; its exit status, as a shell would give it."""
+def stream(conn: Connection, use_tty: bool, others: list[Connection] = ()) -> int:
+    """Relay stdio and signals until the job ends; its exit status, as a shell would give it.
+
+    `others` (restart -f: the rest of an application) only send output here and get the signals
+    we forward; when `conn`'s job ends, we let go of them (they run on, their output to their log)."""
     sig_r, sig_w = os.pipe()
     os.set_blocking(sig_w, False)
     signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
@@ -166,20 +186,25 @@ def stream(conn: Connection, use_tty: bool) -> int:
     saved_tty = termios.tcgetattr(0) if use_tty else None
     if use_tty:
         tty.setraw(0)
-    conn.sock.setblocking(False)
+    attached = [conn, *others]
+    for c in attached:
+        c.sock.setblocking(False)
+    if use_tty:
+        rows, cols = _winsize()         # a job attached to (restart -f, re-attach) takes our size
+        conn.send(p.Winsize(rows=rows, cols=cols))
     stdin_open, input_credit = True, WINDOW
     try:
         while True:
-            want = [conn.sock, sig_r]
+            want = [c.sock for c in attached] + [sig_r]
             if stdin_open and input_credit > 0:
                 want.append(0)
             try:
-                ready, _, _ = select.select(want, [], [], 0 if conn.early else None)
+                ready, _, _ = select.select(want, [], [], 0 if any(c.early for c in attached) else None)
             except InterruptedError:
                 continue
             if sig_r in ready:
                 for sig in os.read(sig_r, 64):
-                    _on_signal(conn, sig, use_tty)
+                    _on_signal(attached, sig, use_tty)
             if 0 in ready:
                 try:
                     data = os.read(0, min(CHUNK, input_credit))
@@ -193,24 +218,39 @@ def stream(conn: Connection, use_tty: bool) -> int:
                     conn.send(p.InputEof())
                 else:
                     stdin_open = False
-            if conn.sock in ready or conn.early:
+            for c in list(attached):
+                if c.sock not in ready and not c.early:
+                    continue
                 # What came with the launch reply first: it may hold the job's end, and the
                 # socket then only has the daemon's hang-up left to say.
-                received, conn.early = conn.early, []
+                received, c.early = c.early, []
                 if not received:
-                    received = conn.receive()
+                    try:
+                        received = c.receive()
+                    except NotRunning:
+                        if c is conn:
+                            raise
+                        attached.remove(c)      # one of the others: its job ended or was lost
+                        continue
                 for msg, payload in received:
                     if isinstance(msg, p.Output):
                         for data in payload:
                             _write_all(1 if use_tty else msg.fd, data)
-                            conn.send(p.Credit(nbytes=len(data)))
+                            c.send(p.Credit(nbytes=len(data)))
                     elif isinstance(msg, p.Credit):
-                        input_credit += msg.nbytes
+                        if c is conn:
+                            input_credit += msg.nbytes
+                    elif isinstance(msg, (p.Exit, p.Lost)) and c is not conn:
+                        attached.remove(c)
+                        break
                     elif isinstance(msg, p.Exit):
                         return msg.code if msg.code is not None else 128 + msg.signal
                     elif isinstance(msg, p.Lost):
                         raise JobLost(f"job lost: {msg.reason}")
     finally:
+        for c in others:
+            c.send(p.Detach())
+            c.sock.close()
         if saved_tty is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, saved_tty)
         signal.set_wakeup_fd(-1)
@@ -220,13 +260,14 @@ def stream(conn: Connection, use_tty: bool) -> int:
         os.close(sig_w)
 
 
-def _on_signal(conn: Connection, sig: int, use_tty: bool) -> None:
+def _on_signal(attached: list[Connection], sig: int, use_tty: bool) -> None:
     if sig == signal.SIGWINCH:
         if use_tty:
             rows, cols = _winsize()
-            conn.send(p.Winsize(rows=rows, cols=cols))
+            attached[0].send(p.Winsize(rows=rows, cols=cols))
         return
-    conn.send(p.Signal(signal=sig))
+    for c in attached:
+        c.send(p.Signal(signal=sig))
     if sig == signal.SIGTSTP and not use_tty:
         # Stop the job, then ourselves, as a local program would; SIGCONT resumes both. SIGSTOP,
         # since the kernel discards SIGTSTP in an orphaned process group (scripts, CI).
