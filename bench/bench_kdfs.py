@@ -419,7 +419,14 @@ class Run:
             raise RuntimeError(f"node {victim} has no running daemon")
         print(f"{target.title}: {self.size / MIB:.0f} MiB written in {fig['write_s']:.2f} s "
               f"({fig['write_MBps']:.0f} MB/s), {fig['chunks']} chunks all at {REPL_R} copies {fig['settle_s']:.1f} s "
-              f"later; copies per node {holders}; kill -9 of node {victim}'s daemon (pid {pid}, not the leader)")
+              f"later; copies per node {holders}")
+        t0 = time.monotonic()
+        fig["fsck_before"] = fsck = target.fsck()
+        fig["fsck_before_s"] = time.monotonic() - t0
+        print(f"{target.title}: before the kill, {fsck['through']} ({fig['fsck_before_s']:.1f} s): {show_fsck(fsck)}")
+        self.judge_fsck("before the kill", fsck)
+        print(f"{target.title}: kill -9 of node {victim}'s daemon (pid {pid}; it holds the most copies, "
+              f"node {leader} leads)")
         t_kill = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         polls = target.wait_replicated(path, REPL_WAIT, victim=victim, since=t_kill)
@@ -429,26 +436,43 @@ class Run:
         fig["victim"], fig["lost_copies"] = victim, holders[victim]
         fig["lost_bytes"] = min(holders[victim] * target.chunk_size, self.size)
         fig["rereplicate_MBps"] = fig["lost_bytes"] / 1e6 / fig["rereplicate_s"]
+        fig["copy_MBps_after_detection"] = fig["lost_bytes"] / 1e6 / max(fig["rereplicate_s"] - fig["detected_s"], 1e-3)
         fig["copies_per_node_after"] = target.copies_per_node(path)
         print(f"{target.title}: every chunk back at {REPL_R} copies on live nodes {fig['rereplicate_s']:.1f} s after "
               f"the kill (node {victim} seen down after {fig['detected_s']:.1f} s; {fig['lost_copies']} copies, "
-              f"{fig['lost_bytes'] / MIB:.0f} MiB, re-created: {fig['rereplicate_MBps']:.0f} MB/s from the kill); "
-              f"copies per node now {fig['copies_per_node_after']}")
+              f"{fig['lost_bytes'] / MIB:.0f} MiB, re-created: {fig['rereplicate_MBps']:.0f} MB/s from the kill, "
+              f"{fig['copy_MBps_after_detection']:.0f} MB/s once detected); "
+              f"copies per node now {fig['copies_per_node_after']} (node {victim}'s, down, still listed)")
         t0 = time.monotonic()
         fsck = target.fsck()
         fig["fsck_after_s"] = time.monotonic() - t0
         fig["fsck_after"] = fsck
-        kinds: dict[str, int] = {}
-        for problem in fsck.get("problems", []):
-            kinds[problem.get("kind", "?")] = kinds.get(problem.get("kind", "?"), 0) + 1
-        if not fsck.get("ok"):
-            self.problems.append(f"rereplicate: `kdfs fsck --json` after re-replication: not ok: {kinds}")
         fig.update({f"verify_{k}": v for k, v in self.sequential_read(path).items()})
-        print(f"{target.title}: then {fsck['through']} ({fig['fsck_after_s']:.1f} s): "
-              f"{'ok' if fsck.get('ok') else 'NOT OK'} ({fsck.get('chunks')} chunks, problems {kinds or 'none'}); "
-              f"the file read back {'intact' if not fig['verify_read_bad_blocks'] else 'DAMAGED'} at "
+        print(f"{target.title}: then {fsck['through']} ({fig['fsck_after_s']:.1f} s): {show_fsck(fsck)}; the file "
+              f"read back {'intact' if not fig['verify_read_bad_blocks'] else 'DAMAGED'} at "
               f"{fig['verify_read_MBps']:.0f} MB/s (cold)")
+        self.judge_fsck("after re-replication", fsck)
         return fig
+
+    def judge_fsck(self, when: str, fsck: dict) -> None:
+        """Copies missing, corrupt or short: a problem of the run. Orphan copies (no file references
+        them: garbage, no data at risk) are only shown."""
+        serious = [q for q in fsck.get("problems", []) if q.get("kind") != "orphan"]
+        if serious:
+            self.problems.append(f"rereplicate: kdfs fsck {when}: {show_fsck(fsck)}: {serious[:5]}")
+
+
+def show_fsck(fsck: dict) -> str:
+    kinds: dict[str, int] = {}
+    for q in fsck.get("problems", []):
+        kinds[q.get("kind", "?")] = kinds.get(q.get("kind", "?"), 0) + q.get("count", 1)
+    nodes = {}
+    for q in fsck.get("problems", []):
+        if q.get("kind") == "orphan":
+            nodes[q.get("node")] = q.get("count", 1)
+    head = "ok" if fsck.get("ok") else "NOT ok"
+    return (f"{head}, {fsck.get('chunks')} chunks on nodes {fsck.get('nodes')}"
+            + (f", {', '.join(f'{n} {k}' for k, n in kinds.items())} (orphan copies per node: {nodes})" if kinds else ""))
 
 
 # -- targets ------------------------------------------------------------------------------------------------
