@@ -251,7 +251,7 @@ class Daemon:
                         fut.set_result(a.node)
         if actions:
             self.changed.set()
-            if self.kdfs:
+            if self.kdfs and any(not isinstance(a, mb.Broadcast) for a in actions):
                 self.kdfs.membership_changed()
 
     async def request_unless_down(self, node: int, msg: p.Message, timeout: float | None,

@@ -36,7 +36,8 @@ SNAPSHOT_PIECE = 8 << 20
 RECENT = 20000              # change ids remembered, so a retried change is answered, not re-applied
 KEEP_LOG = 200000           # log entries kept for lagging followers; older ones get a snapshot
 REPAIR_EVERY = 2.0          # seconds between the leader's scans for missing copies
-ORPHAN_AGE = 600            # an unreferenced chunk copy older than this is garbage, not an upload in flight
+ORPHAN_AGE = 600            # an unreferenced copy older than this is garbage to the background collector
+UPLOAD_AGE = 60             # fsck leaves younger unreferenced copies alone: uploads not yet committed
 
 
 class NotLeader(KrgError):
@@ -68,6 +69,7 @@ class KdfsService:
         self._wake = asyncio.Event()
         self._usage: dict = {}
         self._usage_at = -1e9
+        self._view_changed = time.monotonic()
 
         self.local_handlers = {
             p.KdfsMeta: self.handle_meta,
@@ -127,6 +129,7 @@ class KdfsService:
 
     def membership_changed(self) -> None:
         """Called by the daemon on every membership event: re-check who leads."""
+        self._view_changed = time.monotonic()
         self._wake.set()
 
     # -- leadership -------------------------------------------------------------------------------
@@ -158,7 +161,7 @@ class KdfsService:
                     await self._take_lead()
                 elif leader is not None and leader != self.d.me and not self.synced:
                     await self._catch_up_with(leader)
-                if self.term and time.monotonic() - last_repair > REPAIR_EVERY:
+                if self.term and self._settled() and time.monotonic() - last_repair > REPAIR_EVERY:
                     last_repair = time.monotonic()
                     await self.repair()
             except asyncio.CancelledError:
@@ -519,20 +522,29 @@ class KdfsService:
         return p.Ok(result=await self._in_io(self._scan, msg.verify))
 
     def _scan(self, verify: bool) -> dict:
-        held, bad = [], []
+        held, bad, young = [], [], []
         for chunk_id in self.store.ids():
             held.append(chunk_id)
+            if _age(self.store.path(chunk_id)) < UPLOAD_AGE:
+                young.append(chunk_id)
             if verify:
                 try:
                     self.store.verify(chunk_id)
                 except ChunkError as e:
                     bad.append([chunk_id, str(e)])
-        return {"held": held, "bad": bad}
+        return {"held": held, "bad": bad, "young": young}
 
     # -- repair -----------------------------------------------------------------------------------
 
+    def _settled(self) -> bool:
+        """Membership has not moved for a while: a node that just (re)started may not hear every
+        other one yet, and copies made from its partial view would be wasted."""
+        return time.monotonic() - self._view_changed > 2 * self.d.cfg.failure_timeout
+
     async def repair(self, limit: int = 256) -> dict:
-        """On the leader: give every chunk short of copies a new copy from a live one."""
+        """On the leader: give every chunk short of live copies new ones, made from a live copy.
+        The holders that are away stay listed (their copies count again when they come back;
+        `kdfs rebalance` trims the extra ones)."""
         online = set(self.online())
         want = min(self.cfg.replicas, len(online))
         todo = self.meta.under_replicated(online, want, limit)
@@ -545,7 +557,8 @@ class KdfsService:
             if not live:
                 lost += 1
                 return
-            spare = sorted((n for n in online if n not in live), key=lambda n: -self._avail(n))
+            spare = sorted((n for n in online if n not in ref["nodes"]), key=lambda n: -self._avail(n))
+            added = []
             async with sem:
                 for target in spare[:want - len(live)]:
                     try:
@@ -553,12 +566,12 @@ class KdfsService:
                             await self.fetch(ref["id"], live[0])
                         else:
                             await self.d.request_unless_down(target, p.KdfsChunkFetch(id=ref["id"], source=live[0]), 60.0)
-                        live.append(target)
+                        added.append(target)
                     except KrgError as e:
                         log.warning("kdfs: no new copy of chunk %s on node %d: %s", ref["id"], target, e)
-                if live != ref["nodes"]:
+                if added:
                     try:
-                        await self.change({"op": "replicas", "id": ref["id"], "nodes": live})
+                        await self.change({"op": "replicas", "id": ref["id"], "nodes": ref["nodes"] + added})
                         done += 1
                     except FsError:
                         pass    # the chunk was freed meanwhile; its new copies are garbage now
@@ -597,6 +610,7 @@ class KdfsService:
         online = sorted(self.online())
         scans = await asyncio.gather(*(self._scan_node(n) for n in online), return_exceptions=True)
         held: dict[int, set[str]] = {}
+        young: set[str] = set()
         problems: list[dict] = []
         bad: list[tuple[str, int]] = []
         for n, s in zip(online, scans):
@@ -604,6 +618,7 @@ class KdfsService:
                 problems.append({"kind": "node", "node": n, "detail": f"could not scan: {s}"})
                 continue
             held[n] = set(s["held"])
+            young |= set(s["young"])
             for chunk_id, why in s["bad"]:
                 problems.append({"kind": "corrupt", "chunk": chunk_id, "node": n, "detail": why})
                 bad.append((chunk_id, n))
@@ -621,7 +636,7 @@ class KdfsService:
             if len(live) < want:
                 problems.append({"kind": "under-replicated", "chunk": ref["id"], "ino": ref["ino"],
                                  "detail": f"{len(live)} live copies of {want}"})
-        orphans = {n: sorted(ids - referenced) for n, ids in held.items() if ids - referenced}
+        orphans = {n: sorted(ids - referenced - young) for n, ids in held.items() if ids - referenced - young}
         for n, ids in orphans.items():
             problems.append({"kind": "orphan", "node": n, "count": len(ids),
                              "detail": f"{len(ids)} copies no file references"})
@@ -638,9 +653,7 @@ class KdfsService:
                     await self.change({"op": "replicas", "id": ref["id"], "nodes": live})
             repaired = await self._ask_leader_repair()
             for n, ids in orphans.items():
-                old = ids  # orphans of an upload in flight are young; only drop what is old enough
-                await self.d.request_unless_down(n, p.KdfsChunkDrop(ids=old), 60.0) if n != self.d.me else \
-                    await self._in_io(self._drop, old)
+                await self._drop_on(n, ids)
         return {"ok": not problems, "chunks": chunks, "nodes": online, "problems": problems,
                 "repaired": repaired}
 
