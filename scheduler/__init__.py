@@ -1,8 +1,9 @@
 """Kerrighed's scheduler framework: probes measure, filters smooth or threshold, policies decide.
 
 The daemon owns one `Scheduler` per node. It builds a `ClusterView` from heartbeats, asks `place`
-where a new job goes and `rebalance` which of its jobs should move, and performs the answers itself:
-everything here is pure, so it is tested without sockets or clocks. Probes (`scheduler.probes`)
+where a new job goes and (on the node that decides for the cluster) `rebalance` which running jobs
+should move, and performs the answers itself: everything here is pure, so it is tested without
+sockets or clocks (the time comes in the view). Probes (`scheduler.probes`)
 are the only part that measures the machine and are deliberately not imported here.
 """
 
@@ -11,13 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from kerrighed.errors import ConfigError
+from scheduler._plugin import Plugin
+from scheduler.balancer import Balancer, get_balancer, known_balancers
 from scheduler.config import SchedulerConfig, parse_assignment
 from scheduler.policy import NoNodeAvailable, Policy, get_policy, known_policies, require_nodes
 from scheduler.view import ClusterView, JobLoad, JobSpec, Migration, NodeLoad
 
 __all__ = [
-    "ClusterView", "JobLoad", "JobSpec", "Migration", "NoNodeAvailable", "NodeLoad", "Policy",
-    "Scheduler", "SchedulerConfig", "get_policy", "known_policies", "parse_assignment",
+    "Balancer", "ClusterView", "JobLoad", "JobSpec", "Migration", "NoNodeAvailable", "NodeLoad", "Policy",
+    "Scheduler", "SchedulerConfig", "get_balancer", "get_policy", "known_balancers", "known_policies",
+    "parse_assignment",
 ]
 
 
@@ -37,8 +41,12 @@ class Scheduler:
                               f"(online: {','.join(map(str, view.ids))})")
         return node
 
+    @property
+    def balancing(self) -> bool:
+        return self._balancer is not None
+
     def rebalance(self, view: ClusterView, jobs: tuple[JobLoad, ...]) -> list[Migration]:
-        """Migrations for the jobs this node hosts; none without a balancer."""
+        """Migrations of running jobs to start now; none without a balancer."""
         if self._balancer is None:
             return []
         migrations = self._balancer.rebalance(view, jobs)
@@ -74,5 +82,5 @@ class Scheduler:
                 "balancer": None if self._balancer is None else _describe(self._balancer)}
 
 
-def _describe(component: Policy) -> dict[str, Any]:
+def _describe(component: Plugin) -> dict[str, Any]:
     return {"name": component.name, "params": dict(component.params), "description": component.description}

@@ -3,6 +3,8 @@
 It travels between nodes and to `krgadm` as a plain dict (msgpack), and is written on the command line
 as `NAME` or `NAME:key=value,key=value`. Nodes boot with round-robin placement and no balancer, so no
 running job moves until an administrator configures a balancer (Kerrighed moved nothing either).
+Policies and balancers are two families with their own names (`kerrighed.policies`,
+`kerrighed.balancers`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kerrighed.errors import ConfigError, UsageError
-from scheduler.policy import Policy, get_policy, is_balancer, known_policies
+from scheduler.balancer import Balancer, get_balancer
+from scheduler.policy import Policy, get_policy, policy_names
 
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
@@ -55,24 +58,19 @@ class SchedulerConfig:
     def make_policy(self) -> Policy:
         return get_policy(self.policy)(**self.params)
 
-    def make_balancer(self) -> Policy | None:
+    def make_balancer(self) -> Balancer | None:
         if self.balancer is None:
             if self.balancer_params:
                 raise ConfigError("balancer parameters are set but no balancer is")
             return None
-        cls = get_policy(self.balancer)
-        if not is_balancer(cls):
-            balancers = [n for n in known_policies() if _moves_jobs(n)]
-            raise ConfigError(f"policy {self.balancer!r} places new jobs but never moves running ones "
-                              f"(balancers: {', '.join(balancers) or 'none installed'})")
+        try:
+            cls = get_balancer(self.balancer)
+        except ConfigError as e:
+            if self.balancer in policy_names():
+                raise ConfigError(f"{e}; {self.balancer!r} is a placement policy, which places new jobs "
+                                  "but never moves running ones") from None
+            raise
         return cls(**self.balancer_params)
-
-
-def _moves_jobs(name: str) -> bool:
-    try:
-        return is_balancer(get_policy(name))
-    except ConfigError:     # a broken plugin is no candidate
-        return False
 
 
 def _params(data: Mapping[str, Any], key: str) -> dict[str, Any]:

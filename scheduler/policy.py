@@ -1,4 +1,5 @@
-"""Policies decide: where a new job goes (placement) and which running job moves where (balancing).
+"""Placement policies decide where a new job goes (balancers, which running job moves where, are in
+`scheduler.balancer`).
 
 A policy is a pure function of a `ClusterView`: no sockets, no clocks, no psutil. It may keep a
 little state of its own (round robin's position), but the daemon gathers every figure and performs
@@ -11,7 +12,7 @@ from abc import abstractmethod
 
 from kerrighed.errors import KrgError
 from scheduler._plugin import Plugin, Registry
-from scheduler.view import ClusterView, JobLoad, JobSpec, Migration, NodeLoad
+from scheduler.view import ClusterView, JobSpec, NodeLoad
 
 
 class NoNodeAvailable(KrgError):
@@ -25,20 +26,12 @@ class Policy(Plugin):
     def place(self, job: JobSpec, view: ClusterView) -> int:
         """The node id, among `view.ids`, where `job` should start."""
 
-    def rebalance(self, view: ClusterView, jobs: tuple[JobLoad, ...]) -> list[Migration]:
-        """Migrations to perform now, given the jobs this node hosts. Placement-only policies move nothing."""
-        return []
-
 
 _policies = Registry(Policy, "kerrighed.policies")
 register = _policies.register
 get_policy = _policies.get
 known_policies = _policies.known
-
-
-def is_balancer(cls: type[Policy]) -> bool:
-    """Whether the policy moves running jobs, i.e. overrides `rebalance`."""
-    return cls.rebalance is not Policy.rebalance
+policy_names = _policies.names
 
 
 def require_nodes(view: ClusterView) -> None:

@@ -20,23 +20,33 @@ class NodeLoad:
     mem_free: int            # bytes
     jobs: int                # running jobs the cluster placed there
     cpu_share: float = 1.0   # fraction of its CPUs this node may use (a CPU-limited simulated node)
+    runnable: float | None = None   # CPUs' worth of work its jobs want now (None: not measured)
 
     def __post_init__(self):
         if self.cpus < 1:
             raise ValueError(f"node {self.node}: cpus must be at least 1, not {self.cpus}")
         if not 0 < self.cpu_share <= 1:
             raise ValueError(f"node {self.node}: cpu_share must be in (0, 1], not {self.cpu_share}")
+        if self.runnable is not None and self.runnable < 0:
+            raise ValueError(f"node {self.node}: runnable must be 0 or more, not {self.runnable}")
 
     @property
     def capacity(self) -> float:
         """The CPUs this node may really use."""
         return self.cpus * self.cpu_share
 
+    @property
+    def busy(self) -> float:
+        """Its load relative to its capacity: the runnable work (or, unmeasured, the load
+        average) per usable CPU. 1.0 is a node exactly full; 2.0 has twice the work it can run."""
+        return (self.load if self.runnable is None else self.runnable) / self.capacity
+
 
 @dataclass(frozen=True)
 class ClusterView:
     nodes: tuple[NodeLoad, ...]   # online nodes, sorted by id
     local: int                    # the node deciding
+    now: float = 0.0              # when the snapshot was taken: seconds on the decider's monotonic clock
 
     def __post_init__(self):
         # The daemon builds views from dicts of heartbeats: sort here so no caller can forget.
@@ -79,6 +89,12 @@ class JobLoad:
     cpu_percent: float
     rss: int                 # bytes
     can_migrate: bool        # CAN_MIGRATE is effective for it
+    load: float | None = None        # CPUs' worth of work it wants (its threads' run + wait time
+                                     # per second); None: not measured yet
+    cpu_time: float = 0.0            # CPU seconds it has used
+    age: float = 0.0                 # seconds since it started (wherever)
+    resident: float | None = None    # seconds since it arrived on `node` by migration or
+                                     # restart; None: it started there
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import pytest
 
 import scheduler
 from kerrighed.errors import ConfigError, UsageError
-from scheduler import (ClusterView, JobLoad, JobSpec, Migration, NodeLoad, NoNodeAvailable, Policy,
+from scheduler import (Balancer, ClusterView, JobLoad, JobSpec, Migration, NodeLoad, NoNodeAvailable, Policy,
                        Scheduler, SchedulerConfig, _plugin, get_policy, known_policies, parse_assignment)
 from scheduler.filters import get_filter, known_filters
 from scheduler.policy import register
@@ -45,15 +45,12 @@ class Nowhere(Policy):
         return 99
 
 
-class MoveAll(Policy):
+class MoveAll(Balancer):
     """Moves every job it is given to the highest node: lets tests check what Scheduler lets through."""
 
     name = "move_all"
     description = "moves everything"
     param_spec = {"target": _plugin.Param(int, 0)}
-
-    def place(self, job, view):
-        return view.ids[0]
 
     def rebalance(self, view, jobs):
         target = self.params["target"] or view.ids[-1]
@@ -325,7 +322,9 @@ def test_malformed_config_dict_is_a_config_error(data, message):
 @pytest.mark.parametrize("cfg, message", [
     (SchedulerConfig(policy="nope"), "unknown policy 'nope'"),
     (SchedulerConfig(policy="least_loaded", params={"x": 1}), "policy 'least_loaded' has no parameter 'x'"),
-    (SchedulerConfig(balancer="round_robin"), r"never moves running ones \(balancers: none installed\)"),
+    (SchedulerConfig(balancer="round_robin"), r"unknown balancer 'round_robin' \(known: mosix_load_balancer\); "
+                                              r"'round_robin' is a placement policy"),
+    (SchedulerConfig(balancer="mosix"), r"^unknown balancer 'mosix' \(known: mosix_load_balancer\)$"),
     (SchedulerConfig(balancer_params={"target": 1}), "no balancer is"),
 ])
 def test_validate_fails_on_bad_names_and_params(cfg, message):
@@ -334,8 +333,9 @@ def test_validate_fails_on_bad_names_and_params(cfg, message):
 
 
 def test_validate_names_installed_balancers(plugins):
-    plugins("kerrighed.policies", [_ep("move_all", "MoveAll"), _ep("fancy", "Fancy")])
-    with pytest.raises(ConfigError, match=r"\(balancers: move_all\)"):
+    plugins("kerrighed.policies", [_ep("fancy", "Fancy")])
+    plugins("kerrighed.balancers", [_ep("move_all", "MoveAll", group="kerrighed.balancers")])
+    with pytest.raises(ConfigError, match=r"unknown balancer 'fancy' \(known: mosix_load_balancer, move_all\)"):
         SchedulerConfig(balancer="fancy").validate()
     SchedulerConfig(balancer="move_all", balancer_params={"target": 3}).validate()
 
@@ -383,7 +383,7 @@ def test_rebalance_without_a_balancer_moves_nothing():
 
 
 def test_rebalance_passes_valid_migrations_and_describes_the_balancer(plugins):
-    plugins("kerrighed.policies", [_ep("move_all", "MoveAll")])
+    plugins("kerrighed.balancers", [_ep("move_all", "MoveAll", group="kerrighed.balancers")])
     s = Scheduler(SchedulerConfig(balancer="move_all"))
     jobs = (JobLoad(gpid=11, node=1, cpu_percent=90.0, rss=1, can_migrate=True),)
     assert s.rebalance(view(1, 2, local=1), jobs) == [Migration(job=11, source=1, target=2)]
@@ -397,7 +397,7 @@ def test_rebalance_passes_valid_migrations_and_describes_the_balancer(plugins):
     (JobLoad(gpid=11, node=1, cpu_percent=90.0, rss=1, can_migrate=True), 1, "node 1 is not another online"),
 ])
 def test_rebalance_refuses_migrations_no_balancer_may_ask_for(plugins, job, target, why):
-    plugins("kerrighed.policies", [_ep("move_all", "MoveAll")])
+    plugins("kerrighed.balancers", [_ep("move_all", "MoveAll", group="kerrighed.balancers")])
     s = Scheduler(SchedulerConfig(balancer="move_all", balancer_params={"target": target}))
     with pytest.raises(ConfigError, match=f"balancer 'move_all' asked to move job 11 to node {target}, but .*{why}"):
         s.rebalance(view(1, 2, local=1), (job,))
