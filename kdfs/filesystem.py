@@ -134,13 +134,17 @@ class FileSystem:
 
     def setattr(self, ino: int, fields: dict) -> dict:
         f = self._files.get(ino)
-        if "size" in fields and f is not None:
+        if f is not None and ("size" in fields or "mtime_ns" in fields):
+            # Commit buffered writes first: a truncate cuts what was written before it, and an
+            # explicit mtime (futimens after writing, as cp -p and tar do; the kernel's own mtime at
+            # writeback) outranks the time of those writes, which a later commit would put back.
             with f.lock:
                 self._flush(f)
                 result = self.client.change("setattr", ino=ino, **fields)
-                f.size = fields["size"]
-                f.refs = {r["idx"]: r for r in self.client.query("chunks", ino=ino)}
-                return result["attr"]
+                if "size" in fields:
+                    f.size = fields["size"]
+                    f.refs = {r["idx"]: r for r in self.client.query("chunks", ino=ino)}
+                return self._fresh(result["attr"])
         return self._fresh(self.client.change("setattr", ino=ino, **fields)["attr"])
 
     def _owner(self, parent: int, uid: int, gid: int, mode: int) -> tuple[int, int, int]:
