@@ -21,6 +21,8 @@ import pytest
 
 from conftest import BIN, NOBODY, LocalCluster, run_as, wait_for
 from kdfs import mount as kdfs_mount
+from kdfs.client import KdfsClient
+from kerrighed.errors import FsError
 from kerrighed import localcluster
 from kerrighed.config import KdfsConfig
 
@@ -30,10 +32,10 @@ CHUNK = 256 << 10
 STRIPE_AFTER = 1 << 20
 
 
-def start_cluster(home, count: int = 3, replicas: int = 2, before_start=None) -> LocalCluster:
+def start_cluster(home, count: int = 3, replicas: int = 2, before_start=None, **kdfs) -> LocalCluster:
     port = localcluster.free_port([localcluster.local_address(n) for n in range(1, count + 1)], prefer_default=False)
-    localcluster.ensure_config(home, count, port=port,
-                               kdfs=KdfsConfig(replicas=replicas, chunk_size=CHUNK, stripe_after=STRIPE_AFTER))
+    localcluster.ensure_config(home, count, port=port, kdfs=KdfsConfig(
+        replicas=replicas, chunk_size=CHUNK, stripe_after=STRIPE_AFTER, **kdfs))
     if before_start:
         before_start(home)
     c = LocalCluster(home)
@@ -192,6 +194,35 @@ def test_a_daemon_killed_mid_write_keeps_every_fsynced_record(kdfs3):
         assert (seq, crc) == (i, zlib.crc32(rec[8:])), f"record {i} is damaged"
     kdfs3.start(1)
     wait_for(lambda: fsck(kdfs3)["ok"], 60, "kdfs fsck to be clean")
+
+
+def test_a_node_back_after_the_log_moved_on_copies_the_metadata(make_home):
+    c = start_cluster(make_home(), keep_log=20)
+    try:
+        mp = mnt(c)
+        (mp / "before").write_bytes(b"b" * 1000)
+        c.kill(3)
+        wait_for(lambda: c.online(1) == {1, 2}, 10, "node 3 to be out")
+        for i in range(60):
+            (mp / f"dir{i}").mkdir()
+        (mp / "before").unlink()
+        c.start(3)
+        wait_for(lambda: "copies node" in c.log(3), 30, "node 3 to copy the leader's metadata")
+        with KdfsClient(c.home, node=3) as k:
+            wait_for(lambda: _has(k, b"dir59"), 30, "node 3's replica to list the new directories")
+            assert not _has(k, b"before")
+        wait_for(lambda: fsck(c)["ok"], 60, "kdfs fsck to be clean")
+    finally:
+        c.krgadm("cluster", "stop", check=False)
+        c.stop_all()
+
+
+def _has(k: KdfsClient, name: bytes) -> bool:
+    try:
+        k.query("lookup", parent=1, name=name)
+        return True
+    except FsError:
+        return False
 
 
 def small_disks(size_mb: int):

@@ -32,6 +32,7 @@ class NodeConfig:
     address: str
     port: int
     public_key: str          # Z85, 40 characters
+    cpu_limit: float | None = None   # CPUs this node's jobs may use (overrides [cluster] cpu_limit)
 
     @property
     def endpoint(self) -> str:
@@ -47,21 +48,24 @@ class KdfsConfig:
     replicas: int = 2                      # copies of every chunk
     chunk_size: int = 4 << 20
     stripe_after: int = 64 << 20           # past this, a file's first copies rotate over the nodes
+    keep_log: int = 200000                 # metadata changes kept for nodes that were away; older: a snapshot
 
     @classmethod
     def from_toml(cls, t: dict) -> KdfsConfig:
         k = cls(enabled=bool(t.get("enabled", True)), mountpoint=str(t.get("mountpoint", "")),
                 replicas=int(t.get("replicas", 2)), chunk_size=int(t.get("chunk_size", 4 << 20)),
-                stripe_after=int(t.get("stripe_after", 64 << 20)))
+                stripe_after=int(t.get("stripe_after", 64 << 20)), keep_log=int(t.get("keep_log", 200000)))
         if not 1 <= k.replicas <= 8:
             raise ConfigError(f"[kdfs] replicas = {k.replicas}: must be 1..8")
+        if k.keep_log < 10:
+            raise ConfigError(f"[kdfs] keep_log = {k.keep_log}: keep at least 10 changes")
         if k.chunk_size < 64 << 10 or k.chunk_size > 32 << 20 or k.chunk_size % (64 << 10):
             raise ConfigError(f"[kdfs] chunk_size = {k.chunk_size}: a multiple of 64 KiB up to 32 MiB")
         return k
 
     def to_toml(self) -> dict:
         return {"enabled": self.enabled, "mountpoint": self.mountpoint, "replicas": self.replicas,
-                "chunk_size": self.chunk_size, "stripe_after": self.stripe_after}
+                "chunk_size": self.chunk_size, "stripe_after": self.stripe_after, "keep_log": self.keep_log}
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class ClusterConfig:
     nodes: dict[int, NodeConfig]
     heartbeat_interval: float = 0.25       # seconds between heartbeats
     failure_timeout: float = 1.5           # silence after which a node is no longer present
+    cpu_limit: float | None = None         # CPUs each node's jobs may use (a cgroup quota); None: all
     kdfs: KdfsConfig = field(default_factory=KdfsConfig)
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -79,6 +84,11 @@ class ClusterConfig:
         except KeyError:
             known = ",".join(map(str, sorted(self.nodes)))
             raise ConfigError(f"node {node_id} is not in the cluster configuration (nodes: {known})") from None
+
+    def cpu_limit_of(self, node_id: int) -> float | None:
+        """The CPUs node `node_id`'s jobs may use: its own cpu_limit, else the cluster's, else None."""
+        own = self.node(node_id).cpu_limit
+        return own if own is not None else self.cpu_limit
 
     def node_by_key(self, public_key: str) -> NodeConfig | None:
         for n in self.nodes.values():
@@ -101,7 +111,8 @@ class ClusterConfig:
             port = int(c.get("port", DEFAULT_PORT))
             nodes = {}
             for n in data.get("nodes", []):
-                nc = NodeConfig(int(n["id"]), str(n["address"]), int(n.get("port", port)), str(n["public_key"]))
+                nc = NodeConfig(int(n["id"]), str(n["address"]), int(n.get("port", port)), str(n["public_key"]),
+                                _cpu_limit(n, f"{path}: node {n.get('id')}"))
                 _check_node(nc)
                 if nc.id in nodes:
                     raise ConfigError(f"{path}: node {nc.id} is listed twice")
@@ -113,6 +124,7 @@ class ClusterConfig:
                 nodes=nodes,
                 heartbeat_interval=float(c.get("heartbeat_interval", 0.25)),
                 failure_timeout=float(c.get("failure_timeout", 1.5)),
+                cpu_limit=_cpu_limit(c, f"{path}: [cluster]"),
                 kdfs=KdfsConfig.from_toml(data.get("kdfs", {})),
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -131,14 +143,25 @@ class ClusterConfig:
                 "session": self.session,
                 "heartbeat_interval": self.heartbeat_interval,
                 "failure_timeout": self.failure_timeout,
+                **({"cpu_limit": self.cpu_limit} if self.cpu_limit is not None else {}),
             },
             "kdfs": self.kdfs.to_toml(),
             "nodes": [
-                {"id": n.id, "address": n.address, "port": n.port, "public_key": n.public_key}
+                {"id": n.id, "address": n.address, "port": n.port, "public_key": n.public_key,
+                 **({"cpu_limit": n.cpu_limit} if n.cpu_limit is not None else {})}
                 for n in sorted(self.nodes.values(), key=lambda n: n.id)
             ],
         }
         atomic_write(Path(path), tomli_w.dumps(doc).encode(), mode=0o644)
+
+
+def _cpu_limit(table: dict, where: str) -> float | None:
+    value = table.get("cpu_limit")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{where}: cpu_limit = {value!r}: must be a positive number of CPUs (e.g. 0.5)")
+    return float(value)
 
 
 def _check_node(n: NodeConfig) -> None:

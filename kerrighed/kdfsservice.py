@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 APPLY_TIMEOUT = 30.0        # a follower slower than this to apply a change is treated as failed
 SNAPSHOT_PIECE = 8 << 20
 RECENT = 20000              # change ids remembered, so a retried change is answered, not re-applied
-KEEP_LOG = 200000           # log entries kept for lagging followers; older ones get a snapshot
 REPAIR_EVERY = 2.0          # seconds between the leader's scans for missing copies
 ORPHAN_AGE = 600            # an unreferenced copy older than this is garbage to the background collector
 UPLOAD_AGE = 60             # fsck leaves younger unreferenced copies alone: uploads not yet committed
@@ -145,6 +144,7 @@ class KdfsService:
         """Take the lead when this node is the lowest online one; catch up when following; on the
         leader, scan for chunks short of copies."""
         last_repair = 0.0
+        last_gc = time.monotonic()
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), REPAIR_EVERY / 2)
@@ -161,6 +161,9 @@ class KdfsService:
                     await self._take_lead()
                 elif leader is not None and leader != self.d.me and not self.synced:
                     await self._catch_up_with(leader)
+                if time.monotonic() - last_gc > ORPHAN_AGE:
+                    last_gc = time.monotonic()
+                    self._spawn(self._collect_garbage())
                 if self.term and self._settled() and time.monotonic() - last_repair > REPAIR_EVERY:
                     last_repair = time.monotonic()
                     await self.repair()
@@ -300,8 +303,8 @@ class KdfsService:
             self.recent[rid] = result
             if len(self.recent) > RECENT:
                 self.recent.popitem(last=False)
-        if seq % 10000 == 0:
-            self.meta.trim(KEEP_LOG)
+        if seq % max(1, self.cfg.keep_log // 10) == 0:
+            self.meta.trim(self.cfg.keep_log)
         return result
 
     def _drop(self, ids: list[str]) -> None:
