@@ -287,7 +287,7 @@ class Run:
             fig.update(self.sequential_read(path))
             fig.update(self.random_read(path))
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):      # a broken mount must not hide why it broke
                 path.unlink()
         show_io(label, fig)
         fig.update(self.metadata(target))
@@ -578,6 +578,7 @@ class Kdfs(Target):
         self.mountpoint: Path | None = None
         self.chunk_size = 4 * MIB
         self.started = False
+        self.same_device: bool | None = None
 
     def start(self) -> None:
         why = kdfs_missing()
@@ -603,6 +604,10 @@ class Kdfs(Target):
                                    f"`krgadm {' '.join(args)}` returned; {self.log_tails()}")
             time.sleep(0.1)
         toml = self.home.load_config().kdfs
+        disk, local = self.home.kdfs_disk(1), self.run.scratch
+        self.same_device = disk.exists() and os.stat(disk).st_dev == os.stat(local).st_dev
+        if not self.same_device:
+            print(f"{self.title}: NOTE: node 1's disk {disk} is not on the file system of the local baseline ({local})")
         if toml.replicas != self.replicas:
             raise RuntimeError(f"cluster.toml says replicas = {toml.replicas} after cluster start, not {self.replicas}")
         print(f"{self.title}: `krgadm {' '.join(args)}` and the fuse.kdfs mount at {self.mountpoint} in "
@@ -647,7 +652,8 @@ class Kdfs(Target):
                     df = c.status()
         except Exception as e:
             df = f"kdfs df: {e}"
-        return {"nodes": self.nodes, "replicas": self.replicas, "chunk_size": self.chunk_size, "df": df}
+        return {"nodes": self.nodes, "replicas": self.replicas, "chunk_size": self.chunk_size, "df": df,
+                "node_disks_on_baseline_fs": self.same_device}
 
     # -- the kdfs command ------------------------------------------------------------------------------
 
