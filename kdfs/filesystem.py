@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 from kdfs.client import KdfsClient, new_chunk_id
-from kerrighed.errors import FsError
+from kerrighed.errors import FsError, KrgError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class OpenFile:
         self.dirty: dict[int, bytearray] = {}     # idx -> whole new content of that chunk
         self.uploads: dict[int, tuple[bytearray, Future]] = {}   # idx -> (content, put future)
         self.pending: dict[int, dict] = {}        # uploaded, not yet committed
+        self.error: Exception | None = None       # an upload failed: the next flush fails, commits nothing
         self.mtime_ns: int | None = None
         self.opens = 0
         self.lock = threading.RLock()
@@ -339,6 +340,8 @@ class FileSystem:
         f = self._files[ino]
         cs = self.chunk_size
         with f.lock:
+            if f.error is not None:
+                raise _upload_error(f.error)
             pos = 0
             while pos < len(data):
                 idx = (offset + pos) // cs
@@ -361,9 +364,7 @@ class FileSystem:
             return buf
         if idx in f.uploads:
             # Written again while on its way: let it land, then write a newer version.
-            content, fut = f.uploads.pop(idx)
-            f.pending[idx] = fut.result()
-            buf = bytearray(content)
+            buf = bytearray(self._land(f, idx))
         else:
             ref = f.pending.get(idx) or f.refs.get(idx)
             buf = bytearray()
@@ -375,12 +376,21 @@ class FileSystem:
     def _start_upload(self, f: OpenFile, idx: int) -> None:
         buf = f.dirty.pop(idx)
         while len(f.uploads) >= self.max_uploads:
-            oldest = min(f.uploads)
-            f.pending[oldest] = f.uploads.pop(oldest)[1].result()
+            self._land(f, min(f.uploads))
         size_hint = f.size
         f.uploads[idx] = (buf, self._uploader.submit(self._put, f.ino, idx, bytes(buf), size_hint))
-        if len(f.pending) * self.chunk_size >= self.commit_every:
+        if f.error is None and len(f.pending) * self.chunk_size >= self.commit_every:
             self._commit(f)
+
+    def _land(self, f: OpenFile, idx: int) -> bytearray:
+        """Wait for chunk idx's upload: its ref goes to pending, or its error to f.error (raised by the
+        next flush, which then commits none of the file's new chunks). Returns the uploaded content."""
+        content, fut = f.uploads.pop(idx)
+        try:
+            f.pending[idx] = fut.result()
+        except Exception as e:
+            f.error = f.error or e
+        return content
 
     def _put(self, ino: int, idx: int, data: bytes, size_hint: int) -> dict:
         chunk_id = new_chunk_id()
@@ -391,18 +401,19 @@ class FileSystem:
         """Upload what is buffered and commit the file's new chunks (f.lock is held)."""
         for idx in sorted(f.dirty):
             self._start_upload(f, idx)
-        errors = []
-        for idx, (_, fut) in sorted(f.uploads.items()):
-            try:
-                f.pending[idx] = fut.result()
-            except Exception as e:
-                errors.append(e)
-        f.uploads.clear()
-        if errors:
+        for idx in sorted(f.uploads):
+            self._land(f, idx)
+        if f.error is not None:
+            # Drop every write since the last commit (half of them would mix old and new content)
+            # and show the committed file again.
+            e, f.error = f.error, None
             f.pending.clear()
             f.mtime_ns = None
-            e = errors[0]
-            raise e if isinstance(e, FsError) else FsError.of(errno.EIO, f"chunk upload failed: {e}")
+            try:
+                f.size = self.client.query("getattr", ino=f.ino)["size"]
+            except KrgError:
+                pass
+            raise _upload_error(e)
         self._commit(f)
 
     def _commit(self, f: OpenFile) -> None:
@@ -415,3 +426,7 @@ class FileSystem:
         f.pending.clear()
         if not f.dirty and not f.uploads:
             f.mtime_ns = None
+
+
+def _upload_error(e: Exception) -> FsError:
+    return e if isinstance(e, FsError) else FsError.of(errno.EIO, f"chunk upload failed: {e}")
