@@ -325,10 +325,16 @@ class FileSystem:
         missing = [b for b, v in blocks.items() if v is None]
         if missing:
             start, stop = missing[0], missing[-1] + 1
-            if sequential:
-                stop = max(stop, min(start + READ_AHEAD, -(-ref["length"] // BLOCK)))
-            data = self.client.get(ref["id"], ref["nodes"], start * BLOCK, (stop - start) * BLOCK)
-            for b in range(start, stop):
+            ahead = max(stop, min(start + READ_AHEAD, -(-ref["length"] // BLOCK))) if sequential else stop
+            try:
+                data = self.client.get(ref["id"], ref["nodes"], start * BLOCK, (ahead - start) * BLOCK)
+            except KrgError:
+                if ahead == stop:
+                    raise
+                # The read-ahead may have met a bad block this reader did not ask for.
+                ahead = stop
+                data = self.client.get(ref["id"], ref["nodes"], start * BLOCK, (stop - start) * BLOCK)
+            for b in range(start, ahead):
                 piece = bytes(data[(b - start) * BLOCK:(b - start + 1) * BLOCK])
                 self.cache.put((ref["id"], b), piece)
                 if b in blocks:
