@@ -354,11 +354,14 @@ class FileSystem:
                 lo = offset + pos - idx * cs
                 n = min(cs - lo, len(data) - pos)
                 buf = self._writable(f, idx)
+                was_full = len(buf) >= cs
                 if len(buf) < lo:
                     buf.extend(bytes(lo - len(buf)))
                 buf[lo:lo + n] = data[pos:pos + n]
                 pos += n
-                if len(buf) >= cs:
+                # Upload a chunk when it fills up or its writer reaches its end; not at every write
+                # into a chunk full from the start (an overwrite in place would send it each time).
+                if len(buf) >= cs and (not was_full or lo + n == cs):
                     self._start_upload(f, idx)
             f.size = max(f.size, offset + len(data))
             f.mtime_ns = time.time_ns()
