@@ -179,8 +179,16 @@ class FileSystem:
         return self.client.query("readlink", ino=ino)
 
     def unlink(self, parent: int, name: bytes) -> None:
-        r = self.client.change("unlink", parent=parent, name=name)
-        if r.get("nlink") == 0:
+        # Not open here: the last link frees the file in the same change (rm costs one change, not two).
+        # Open: it lives on as an orphan until released and forgotten. Like NFS, another machine's
+        # mount that has it open is not asked.
+        try:
+            ino = self.client.query("lookup", parent=parent, name=name)["ino"]
+        except FsError:
+            ino = None
+        drop = ino is not None and ino not in self._files
+        r = self.client.change("unlink", parent=parent, name=name, drop=drop)
+        if r.get("nlink") == 0 and not (drop and r.get("ino") == ino):
             self._orphaned(r["ino"])
 
     def rmdir(self, parent: int, name: bytes) -> None:

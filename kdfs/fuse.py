@@ -62,7 +62,17 @@ class KdfsOperations(pyfuse3.Operations):
     # -- names ------------------------------------------------------------------------------------
 
     async def lookup(self, parent, name, ctx=None):
-        return entry(await self._run(self.fs.lookup, parent, bytes(name)))
+        try:
+            return entry(await self._run(self.fs.lookup, parent, bytes(name)))
+        except pyfuse3.FUSEError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            # A negative entry the kernel may keep as long as a positive one: a build or a shell's
+            # PATH search asks for absent names again and again. Our own creates replace it.
+            miss = pyfuse3.EntryAttributes()
+            miss.st_ino = 0
+            miss.entry_timeout = TIMEOUT
+            return miss
 
     async def forget(self, inode_list):
         try:

@@ -557,7 +557,9 @@ class MetaStore:
         self._db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
         self._db.execute("UPDATE inodes SET nlink = ?, ctime_ns = ? WHERE ino = ?", (nlink - 1, self._now, ino))
         self._touch_dir(parent)
-        return {"ino": ino, "nlink": nlink - 1, "freed": []}
+        # "drop": the caller knows nobody has it open, so the last link frees it in this same change.
+        freed = self._forget({"ino": ino})["freed"] if nlink == 1 and op.get("drop") else []
+        return {"ino": ino, "nlink": nlink - 1, "freed": freed}
 
     def _rmdir(self, op: dict) -> dict:
         parent, name = _int(op, "parent"), _check_name(op["name"])

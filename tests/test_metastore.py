@@ -227,6 +227,16 @@ def test_hard_links_count_and_the_last_unlink_leaves_an_orphan_until_forget(stor
     assert L("forget", ino=f) == {"freed": []}                      # absent: nothing to do
 
 
+def test_unlink_with_drop_frees_a_file_nobody_has_open_in_the_same_change(store, L):
+    f = L.mknod(ROOT, b"f")
+    L("link", ino=f, parent=ROOT, name=b"g")
+    L.commit(f, [(0, "c0", CS)], CS)
+    assert L("unlink", parent=ROOT, name=b"f", drop=True) == {"ino": f, "nlink": 1, "freed": []}
+    assert L("unlink", parent=ROOT, name=b"g", drop=True) == {"ino": f, "nlink": 0, "freed": ["c0"]}
+    fails(errno.ENOENT, store.getattr, f)
+    assert store.orphans() == [] and store.chunk("c0") is None
+
+
 # ---- rename
 
 def test_rename_moves_within_and_across_directories(store, L):
