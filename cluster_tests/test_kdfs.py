@@ -302,3 +302,27 @@ def test_kdfs_df_stat_and_fsck_for_root_and_users(kdfs3):
     r = kdfs(kdfs3, "stat", str(mp.parent / "elsewhere"), check=False)
     assert r.returncode == 2 and "is not in KDFS" in r.stderr and len(r.stderr.splitlines()) == 1
     assert kdfs(kdfs3, "fsck").stdout.strip().endswith("clean")
+
+
+def test_the_python_api_and_the_mount_see_the_same_files(kdfs3):
+    from kdfs.files import Kdfs
+
+    mp = mnt(kdfs3)
+    data = os.urandom(3 * CHUNK + 12345)
+    with Kdfs(kdfs3.home) as fs:
+        fs.makedirs("/store/app/v1")
+        fs.write_bytes("/store/app/v1/image.tmp", data)
+        fs.rename("/store/app/v1/image.tmp", "/store/app/v1/image")
+        assert fs.listdir("/store/app/v1") == ["image"]
+        (mp / "store" / "from-mount").write_bytes(b"m" * 5000)
+        assert fs.read_bytes("/store/from-mount") == b"m" * 5000
+        assert fs.stat("/store/app/v1/image")["size"] == len(data)
+        assert not fs.exists("/store/nothing") and not fs.exists("/store/from-mount/x")
+        with pytest.raises(FsError) as e:
+            fs.read_bytes("/store/app")
+        assert e.value.errno == errno.EISDIR
+        fs.write_bytes("/store/app/v1/image", b"short")      # replaces the content
+        fs.remove("/store/from-mount")
+    drop_caches()
+    assert (mp / "store" / "app" / "v1" / "image").read_bytes() == b"short"
+    assert sorted(os.listdir(mp / "store")) == ["app"]
