@@ -129,6 +129,8 @@ class KdfsService:
     def membership_changed(self) -> None:
         """Called by the daemon on every membership event: re-check who leads."""
         self._view_changed = time.monotonic()
+        if self.d.me not in self.online():
+            self.synced = False     # out of the cluster: changes go on without us; catch up when back
         self._wake.set()
 
     # -- leadership -------------------------------------------------------------------------------
