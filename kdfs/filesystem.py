@@ -3,7 +3,9 @@
 Metadata calls go to the local daemon (whose replica answers reads, and whose leader orders
 changes). File data is buffered per open file, chunk by chunk: a chunk that fills up is uploaded at
 once (in the background, a few at a time), and flush/fsync/release upload the rest and commit the
-file's new chunk map in one metadata change, so a file shows its old or its new content, never half.
+file's new chunk map in one metadata change, so at every flush or fsync a file shows its old or its
+new content, never half. (A writer far ahead of its uploads commits every `commit_every` bytes on
+the way, so between two flushes a reader may see part of the new content, as with a local disk.)
 Writing into an existing chunk reads it first (chunks are immutable: the new content goes under a
 new id). Reads go through a cache of 64 KiB blocks; a sequential reader fetches 1 MiB at a time.
 
@@ -72,7 +74,7 @@ class OpenFile:
         self.mtime_ns: int | None = None
         self.opens = 0
         self.lock = threading.RLock()
-        self.next_read = -1                       # where a sequential reader reads next
+        self.next_read = 0                        # where a sequential reader reads next
 
     @property
     def modified(self) -> bool:
