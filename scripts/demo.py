@@ -1,5 +1,6 @@
 """The demo: a 3-node Kerrighed cluster on this machine's loopback addresses, shown working:
-programs launched on it, listed, migrated; a node leaving, dying and coming back.
+programs launched on it, listed, migrated; files shared through KDFS; a node leaving, dying and
+coming back, its files still there.
 
 It runs the real commands as a user would type them, prints each one and its output, and stops
 the cluster at the end (--keep leaves it running, in the home it prints).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,7 +22,7 @@ BIN = Path(sys.executable).parent
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    print(f"\n$ {' '.join(cmd)}", flush=True)
+    print(f"\n$ {shlex.join(cmd)}", flush=True)
     r = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], text=True, capture_output=True)
     sys.stdout.write(r.stdout)
     sys.stdout.write(r.stderr)
@@ -78,6 +80,15 @@ def main() -> int:
         sh("krg", "run", "-d", "sleep", "600")
         sh("krg", "ps")
 
+        mnt = f"{args.home}/kdfs"
+        print(f"\n== One file system over the nodes' disks (KDFS), mounted at {mnt}")
+        sh("krg", "run", "-n", "2", "--", "sh", "-c", f"seq 1 200000 > {mnt}/numbers && mkdir -p {mnt}/src "
+           f"&& printf 'int main(void){{return 42;}}\\n' > {mnt}/src/a.c")
+        sh("krg", "run", "-n", str(last), "--", "sh", "-c", f"wc -l {mnt}/numbers; sha256sum {mnt}/numbers")
+        sh("krg", "run", "-n", "1", "--", "sh", "-c", f"cd {mnt}/src && cc -o a a.c && ./a; echo built on node 1, exit $?")
+        sh("kdfs", "stat", f"{mnt}/numbers")
+        sh("kdfs", "df")
+
         print(f"\n== A running job moves to node {last} (CRIU), keeping its global PID")
         sh("krgcapset", "-k", gpid, "-e", "+CAN_MIGRATE")
         sh("migrate", gpid, str(last))
@@ -96,12 +107,17 @@ def main() -> int:
         print(f"node 1 saw node {last} gone after {took:.1f} s")
         sh("krgadm", "cluster", "status")
         sh("krgadm", "nodes", "status")
+        print(f"\nKDFS goes on without node {last}: every chunk has a copy elsewhere")
+        sh("krg", "run", "-n", "1", "--", "sh", "-c", f"sha256sum {mnt}/numbers; echo more >> {mnt}/numbers; wc -l {mnt}/numbers")
 
         print("\n== Its daemon restarts and, having crashed out of the cluster, rejoins by itself")
         sh("krgd", "--node", str(last), "--detach", "--log-file", f"{args.home}/nodes/{last}/krgd.log")
         took = wait(f"node {last} to rejoin", lambda: node_state(last, 1) == "online")
         print(f"node {last} back online after {took:.1f} s")
         sh("krgadm", "cluster", "status")
+        wait("KDFS to have every copy back", lambda: subprocess.run([str(BIN / "kdfs"), "fsck"],
+                                                                    capture_output=True).returncode == 0, 60)
+        sh("kdfs", "fsck")
     finally:
         if args.keep:
             print(f"\nThe cluster keeps running: export KRG_HOME={args.home}; 'krgadm cluster stop' stops it.")
