@@ -387,6 +387,10 @@ def restore(images_dir: str | os.PathLike, *, inherit_fds: Mapping[str, int] | N
 
     def fill_all(o):
         fill(o)
+        # The restored tree joins the cgroups of whoever restores it (criu swrk's), not those it
+        # was dumped in: CRIU would otherwise put it back into (and re-create) the cgroups of the
+        # node that dumped it, e.g. that node's CPU-limited one (kerrighed.cgroups).
+        o.manage_cgroups_mode = _pycriu().rpc.IGNORE
         if sibling:
             o.rst_sibling = True
         if shell_job:
