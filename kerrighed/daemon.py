@@ -26,12 +26,13 @@ from kerrighed import protocol as p
 from kerrighed.config import Home, atomic_write
 from kerrighed.errors import ConfigError, KrgError, NodeDown, NodeStateError, PermissionDenied, Timeout
 from kerrighed.appcheckpoint import AppCheckpoints
+from kerrighed.balancing import Balancing
 from kerrighed.jobservice import JobService
 from kerrighed.kdfsservice import KdfsService
 from kerrighed.localsock import Caller, LocalServer
 from kerrighed.stats import node_stats
 from kerrighed.transport import Transport
-from scheduler import ClusterView, JobSpec, NodeLoad, Scheduler, SchedulerConfig, known_policies
+from scheduler import ClusterView, JobSpec, NodeLoad, Scheduler, SchedulerConfig, known_balancers, known_policies
 
 log = logging.getLogger("krgd")
 
@@ -95,6 +96,7 @@ class Daemon:
         self.transport = Transport(self.cfg, node, public, secret, self.handle_peer)
         self.jobs = JobService(self)
         self.apps = AppCheckpoints(self)
+        self.balancing = Balancing(self)          # the node's CPU limit (a cgroup), loads, the balancer
         self.kdfs = KdfsService(self) if self.cfg.kdfs.enabled else None
         self.local = LocalServer(home.socket(node), self.handle_local,
                                  streams={p.RunJob: self.jobs.handle_run, p.AttachJob: self.jobs.handle_attach})
@@ -174,6 +176,7 @@ class Daemon:
         node_stats()    # primes psutil's cpu_percent
         await self.transport.start()
         await self.jobs.adopt()
+        await self.balancing.start()
         if self.kdfs:
             self.kdfs.start()
         await self.local.start()
@@ -191,6 +194,7 @@ class Daemon:
         finally:
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
+            await self.balancing.close()
             if self.kdfs and not any(localcluster.daemon_pid(self.home, n) for n in self.home.local_nodes()
                                      if n != self.me):
                 # The last daemon of this machine: the mount flushes through us, then goes.
@@ -204,7 +208,7 @@ class Daemon:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            self.stats[self.me] = {**node_stats(), "jobs": len(self.jobs.hosted)}
+            self.stats[self.me] = {**node_stats(), "jobs": len(self.jobs.hosted), **self.balancing.stats()}
             if self.kdfs:
                 self.stats[self.me]["kdfs"] = self.kdfs.usage()
             self._broadcast()
@@ -286,7 +290,8 @@ class Daemon:
                 continue
             loads.append(NodeLoad(node=n, cpus=st["cpus"], load=st["load"][0], cpu_percent=st["cpu_percent"],
                                   mem_total=st["mem_total"], mem_free=st["mem_free"],
-                                  jobs=st.get("jobs", 0) + self._recently_placed(n)))
+                                  jobs=st.get("jobs", 0) + self._recently_placed(n),
+                                  cpu_share=min(1.0, st.get("capacity", st["cpus"]) / st["cpus"])))
         node = self.scheduler.place(JobSpec(argv=tuple(argv), uid=uid, origin=self.me),
                                     ClusterView(nodes=tuple(loads), local=self.me))
         self._placed[node].append(time.monotonic())
@@ -328,7 +333,8 @@ class Daemon:
 
     async def handle_scheduler_show(self, msg, caller) -> dict:
         return {"version": list(self.scheduler_version), **self.scheduler.describe(),
-                "config": self.scheduler.config.to_dict(), "known": known_policies()}
+                "config": self.scheduler.config.to_dict(), "known": known_policies(),
+                "known_balancers": known_balancers()}
 
     async def handle_scheduler_set(self, msg: p.SchedulerSet, caller) -> dict:
         config = SchedulerConfig.from_dict(msg.config)

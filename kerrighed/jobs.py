@@ -29,6 +29,7 @@ from typing import Callable, Protocol
 import msgpack
 import psutil
 
+from kerrighed.cgroups import NodeCgroup
 from kerrighed.config import atomic_write
 from kerrighed.errors import KrgError, PermissionDenied
 
@@ -84,8 +85,10 @@ def exit_status_of(status: dict | None) -> int:
 
 
 async def spawn(record: JobRecord, env: dict[str, str], groups: list[int], umask: int, ctl: Path,
-                rows: int, cols: int, init_cwd: Path) -> None:
-    """Start krg-init for a job; returns once its control socket listens."""
+                rows: int, cols: int, init_cwd: Path, cgroup: NodeCgroup | None = None) -> None:
+    """Start krg-init for a job; returns once its control socket listens. With a `cgroup` (the
+    node's CPU limit), krg-init goes into it before it forks anything: it waits for its
+    environment on stdin first, so the whole job starts inside."""
     args = [str(KRG_INIT), "--ctl", str(ctl), "--uid", str(record.uid), "--gid", str(record.gid),
             "--groups", ",".join(map(str, groups)), "--umask", f"{umask:o}", "--cwd", record.cwd]
     if record.tty:
@@ -95,6 +98,13 @@ async def spawn(record: JobRecord, env: dict[str, str], groups: list[int], umask
     proc = await asyncio.create_subprocess_exec(
         *args, "--env-stdin", "--", *record.argv, env={}, stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=init_cwd)
+    if cgroup is not None:
+        try:
+            cgroup.add(proc.pid)
+        except OSError as e:
+            proc.kill()
+            await proc.communicate()
+            raise KrgError(f"cannot put job {record.gpid} in {cgroup}: {e.strerror}") from None
     blob = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items() if "=" not in k and "\0" not in k + v)
     _, err = await proc.communicate(blob)
     if proc.returncode != 0:

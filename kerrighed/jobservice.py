@@ -176,7 +176,7 @@ class JobService:
             init_cwd = self.d.home.job_run_dir(start.gpid)
             init_cwd.mkdir(parents=True, exist_ok=True)
             await spawn(record, start.env, start.groups, start.umask, job_dir / "ctl.sock", start.rows, start.cols,
-                        init_cwd)
+                        init_cwd, cgroup=self.d.balancing.cgroup)
             shepherd = await asyncio.to_thread(Shepherd.connect, job_dir / "ctl.sock")
         except BaseException:
             _remove_dir(job_dir)
@@ -573,6 +573,7 @@ class JobService:
         job = HostedJob(record, shepherd, job_dir, self._job_done, sink=sink, credit=window)
         job.save()
         self.hosted[record.gpid] = job
+        await self.d.balancing.restored(job)      # into this node's cgroup, if it has a CPU limit
         self._changed(record.gpid)
         return job
 

@@ -6,6 +6,7 @@ daemons are the real ones; only the configuration makes it local.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import random
@@ -36,13 +37,17 @@ def ensure_config(home: Home, count: int, port: int | None = None, **settings) -
     wanted = {n: local_address(n) for n in range(1, count + 1)}
     if home.cluster_file.exists():
         cfg = home.load_config()
-        if {n: c.address for n, c in cfg.nodes.items()} == wanted and not settings \
-                and port in (None, cfg.nodes[1].port):
+        same_nodes = {n: c.address for n, c in cfg.nodes.items()} == wanted and port in (None, cfg.nodes[1].port)
+        if same_nodes and all(getattr(cfg, k) == v for k, v in settings.items()):
             return cfg
         running = running_nodes(home)
         if running:
             raise ConfigError(f"{home.path} already runs a cluster of {len(cfg.nodes)} nodes "
                               f"(daemons of nodes {running} up); stop it first with 'krgadm cluster stop'")
+        if same_nodes:      # only settings change (e.g. --cpu-limit): the rest of the file stays
+            cfg = dataclasses.replace(cfg, **settings)
+            cfg.save(home.cluster_file)
+            return cfg
         return home.init_cluster(wanted, session=cfg.session, port=port or free_port(wanted.values()), **settings)
     return home.init_cluster(wanted, port=port or free_port(wanted.values()), **settings)
 

@@ -3,7 +3,7 @@
     krgadm cluster [status|info|start|stop|poweroff|reboot|init]
     krgadm nodes [status] [-n LIST]
     krgadm nodes {add|del} (-n LIST | -c COUNT | -t TOTAL | -a)
-    krgadm scheduler [show] | set POLICY[:KEY=VALUE,...] [--balancer NAME[:...] | --no-balancer]
+    krgadm scheduler [show] | set [POLICY[:KEY=VALUE,...]] [--balancer NAME[:...]|none] [--balancer-param KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = clsub.add_parser("start", help="form the cluster from the present nodes; --local N also starts N daemons here")
     s.add_argument("--local", type=int, metavar="N", help="start N node daemons on 127.0.0.11, 127.0.0.12, ...")
     s.add_argument("--port", type=int, help="with --local: the TCP port of every node (default 7531 if free)")
+    s.add_argument("--cpu-limit", type=float, metavar="CPUS",
+                   help="with --local: each node's jobs may use CPUS CPUs (a cgroup quota, e.g. 0.5; 0: no limit); "
+                        "kept in cluster.toml as cpu_limit")
     s.add_argument("-w", "--wait", type=float, default=60.0, metavar="SECONDS", help="how long to wait (default 60)")
     clsub.add_parser("stop", help="stop the node daemons of this machine (this home)")
     clsub.add_parser("poweroff", help="stop every node's daemon")
@@ -86,11 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     scsub = sc.add_subparsers(dest="action", metavar="ACTION")
     s = scsub.add_parser("show", help="the active policy and balancer, and the known ones (the default)")
     s.add_argument("--json", action="store_true")
-    s = scsub.add_parser("set", help="choose the placement policy (and balancer) on every node")
-    s.add_argument("policy", metavar="POLICY[:KEY=VALUE,...]")
+    s = scsub.add_parser("set", help="choose the placement policy and the balancer, on every node")
+    s.add_argument("policy", nargs="?", metavar="POLICY[:KEY=VALUE,...]",
+                   help="where new jobs go (default: keep the current policy)")
     b = s.add_mutually_exclusive_group()
-    b.add_argument("--balancer", metavar="NAME[:KEY=VALUE,...]", help="also move running jobs with this balancer")
-    b.add_argument("--no-balancer", action="store_true", help="stop moving running jobs")
+    b.add_argument("--balancer", metavar="NAME[:KEY=VALUE,...]",
+                   help="move running jobs with this balancer (e.g. mosix_load_balancer); 'none' stops it")
+    b.add_argument("--no-balancer", action="store_true", help="stop moving running jobs (= --balancer none)")
+    s.add_argument("--balancer-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the balancer (repeatable), e.g. stability=1.3 or interval=2; "
+                        "without --balancer, changes the running balancer's")
     return ap
 
 
@@ -179,7 +187,12 @@ def gib(n: int) -> str:
 def cluster_start(args) -> int:
     home = Home.resolve(args.home)
     if args.local is not None:
-        cfg = localcluster.ensure_config(home, args.local, port=args.port)
+        settings = {}
+        if args.cpu_limit is not None:
+            if args.cpu_limit < 0:
+                raise UsageError(f"--cpu-limit takes a number of CPUs (e.g. 0.5, or 0 for none), not {args.cpu_limit:g}")
+            settings["cpu_limit"] = args.cpu_limit or None
+        cfg = localcluster.ensure_config(home, args.local, port=args.port, **settings)
         nodes = sorted(cfg.nodes)
         print(f"Starting nodes [{format_node_list(nodes)}] on {cfg.nodes[nodes[0]].address}-"
               f"{cfg.nodes[nodes[-1]].address}... ", end="", flush=True)
@@ -435,21 +448,35 @@ def print_scheduler(shown: dict) -> None:
     print("known policies:")
     for name, description in sorted(shown["known"].items()):
         print(f"  {name:<20} {description}")
+    print("known balancers:")
+    for name, description in sorted(shown.get("known_balancers", {}).items()):
+        print(f"  {name:<20} {description}")
 
 
 def scheduler_set(args) -> int:
     from scheduler.config import SchedulerConfig, parse_assignment     # only this command needs it
 
-    policy, params = parse_assignment(args.policy)
+    if args.policy is None and args.balancer is None and not args.no_balancer and not args.balancer_param:
+        raise UsageError("scheduler set: nothing to set; give a POLICY, --balancer NAME or --balancer-param KEY=VALUE")
+    no_balancer = args.no_balancer or (args.balancer or "").strip() == "none"
+    if no_balancer and args.balancer_param:
+        raise UsageError("--balancer-param cannot go with --balancer none: no balancer takes it")
+    extra = {}
+    for item in args.balancer_param:
+        extra.update(parse_assignment(f"param:{item}")[1])
     with connect(args) as c:
         current = c.call(p.SchedulerShow())["config"]
-        if args.balancer:
-            balancer, balancer_params = parse_assignment(args.balancer)
-        elif args.no_balancer:
+        policy, params = (parse_assignment(args.policy) if args.policy is not None
+                          else (current["policy"], current["params"]))
+        if no_balancer:
             balancer, balancer_params = None, {}
+        elif args.balancer:
+            balancer, balancer_params = parse_assignment(args.balancer)
         else:
-            balancer, balancer_params = current["balancer"], current["balancer_params"]
-        config = SchedulerConfig(policy, params, balancer, balancer_params)
+            balancer, balancer_params = current["balancer"], dict(current["balancer_params"])
+        if extra and balancer is None:
+            raise UsageError("--balancer-param: no balancer is set; choose one with --balancer NAME")
+        config = SchedulerConfig(policy, params, balancer, {**balancer_params, **extra})
         shown = c.call(p.SchedulerSet(config=config.to_dict()))
     print_scheduler(shown)
     return 0
