@@ -234,6 +234,11 @@ class FileSystem:
                 return out
             after = out[-1][0]
 
+    def dots(self, ino: int) -> list[tuple[bytes, dict]]:
+        """The "." and ".." entries of directory `ino`, which a listing starts with (programs count
+        on them). The kernel keeps no lookup of them, so neither do we."""
+        return [(b".", self.getattr(ino)), (b"..", self._fresh(self.client.query("lookup", parent=ino, name=b"..")))]
+
     def statfs(self) -> dict:
         return self.client.status()
 

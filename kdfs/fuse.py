@@ -45,7 +45,7 @@ class KdfsOperations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self._limiter = trio.CapacityLimiter(threads)
-        self._dirs: dict[int, list[tuple[bytes, dict]]] = {}
+        self._dirs: dict[int, list] = {}    # fh -> [inode, listing, served since opendir or rewind]
         self._next_dir = 1
 
     async def _run(self, fn, *args):
@@ -127,19 +127,30 @@ class KdfsOperations(pyfuse3.Operations):
 
     # -- directories ------------------------------------------------------------------------------
 
+    def _listing(self, inode: int) -> list[tuple[bytes, dict]]:
+        return self.fs.dots(inode) + self.fs.readdir(inode)
+
     async def opendir(self, inode, ctx):
-        listing = await self._run(self.fs.readdir, inode)
+        listing = await self._run(self._listing, inode)
         fh, self._next_dir = self._next_dir, self._next_dir + 1
-        self._dirs[fh] = listing
+        self._dirs[fh] = [inode, listing, False]
         return fh
 
     async def readdir(self, fh, start_id, token):
-        listing = self._dirs.get(fh, [])
+        d = self._dirs.get(fh)
+        if d is None:
+            return
+        if start_id == 0 and d[2]:
+            # rewinddir: the stream shows the directory as it is now, as a new opendir would.
+            d[1] = await self._run(self._listing, d[0])
+        d[2] = True
+        listing = d[1]
         for i in range(start_id, len(listing)):
             name, attr = listing[i]
             if not pyfuse3.readdir_reply(token, name, entry(attr), i + 1):
                 return
-            await self._run(self.fs._known, attr)   # readdirplus: the kernel now knows the inode
+            if i >= 2:      # readdirplus: the kernel now knows the inode (not for "." and "..")
+                self.fs._known(attr)
 
     async def releasedir(self, fh):
         self._dirs.pop(fh, None)
