@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STEP_TIMEOUT = 300.0
+DISCARD_TIMEOUT = 30.0         # a killed job's end, as its shepherd reports it
 
 
 class AppCheckpoints:
@@ -271,7 +272,10 @@ class AppCheckpoints:
             job.signal(signal.SIGKILL, 0)
             log.info("job %d of application %d discarded: its restart failed", gpid, appid)
         if waits:
-            await asyncio.wait(waits, timeout=10)
+            _, late = await asyncio.wait(waits, timeout=DISCARD_TIMEOUT)
+            if late:
+                log.warning("%d discarded jobs of application %d did not end within %g s",
+                            len(late), appid, DISCARD_TIMEOUT)
         for gpid in gpids:
             ended = self.jobs.finished.get(gpid)
             if gpid not in self.jobs.hosted and ended is not None and ended[0].app == appid:
