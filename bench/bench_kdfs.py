@@ -949,9 +949,9 @@ def show_table(summary: dict, size: int) -> None:
             continue
         line(name + (f" (median of {row['runs']})" if row.get("runs", 1) > 1 else ""), row["figures"])
         if "vs_local" in row:
-            line("  x local", row["vs_local"], ".2f")
+            line("  x local", row["vs_local"], ".2g")
         if "vs_passthrough" in row:
-            line("  x passthrough", row["vs_passthrough"], ".2f")
+            line("  x passthrough", row["vs_passthrough"], ".2g")
     r = summary.get("rereplicate")
     if r is not None:
         if "rereplicate_s" in r:
