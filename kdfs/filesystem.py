@@ -68,6 +68,10 @@ class OpenFile:
         self.size = size
         self.refs = refs                          # idx -> committed chunk ref
         self.dirty: dict[int, bytearray] = {}     # idx -> whole new content of that chunk
+        # idx -> byte ranges written so far into a chunk that started empty. The kernel's writeback
+        # does not always come in order: a chunk is complete when its writes cover all of it, not
+        # when its last byte arrives (an upload then would be redone, and the first copy wasted).
+        self.written: dict[int, list[tuple[int, int]]] = {}
         self.uploads: dict[int, tuple[bytearray, Future]] = {}   # idx -> (content, put future)
         self.pending: dict[int, dict] = {}        # uploaded, not yet committed
         self.error: Exception | None = None       # an upload failed: the next flush fails, commits nothing
@@ -374,9 +378,13 @@ class FileSystem:
                     buf.extend(bytes(lo - len(buf)))
                 buf[lo:lo + n] = data[pos:pos + n]
                 pos += n
-                # Upload a chunk when it fills up or its writer reaches its end; not at every write
-                # into a chunk full from the start (an overwrite in place would send it each time).
-                if len(buf) >= cs and (not was_full or lo + n == cs):
+                # Upload a new chunk once writes cover it; a chunk full from the start (an overwrite
+                # in place) when its writer reaches its end, not at every write into it.
+                if idx in f.written:
+                    done = _cover(f.written[idx], lo, lo + n) == [(0, cs)]
+                else:
+                    done = len(buf) >= cs and (not was_full or lo + n == cs)
+                if done:
                     self._start_upload(f, idx)
             f.size = max(f.size, offset + len(data))
             f.mtime_ns = time.time_ns()
@@ -394,11 +402,14 @@ class FileSystem:
             buf = bytearray()
             if ref is not None and ref["length"] > 0:
                 buf += self.client.get(ref["id"], ref["nodes"], 0, ref["length"])[:ref["length"]]
+            else:
+                f.written[idx] = []
         f.dirty[idx] = buf
         return buf
 
     def _start_upload(self, f: OpenFile, idx: int) -> None:
         buf = f.dirty.pop(idx)
+        f.written.pop(idx, None)
         while len(f.uploads) >= self.max_uploads:
             self._land(f, min(f.uploads))
         size_hint = f.size
@@ -454,3 +465,17 @@ class FileSystem:
 
 def _upload_error(e: Exception) -> FsError:
     return e if isinstance(e, FsError) else FsError.of(errno.EIO, f"chunk upload failed: {e}")
+
+
+def _cover(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    """Add [lo, hi) to sorted, disjoint ranges (in place, merging what touches); return them."""
+    out = []
+    for a, b in ranges:
+        if b < lo or a > hi:
+            out.append((a, b))
+        else:
+            lo, hi = min(lo, a), max(hi, b)
+    out.append((lo, hi))
+    out.sort()
+    ranges[:] = out
+    return ranges
