@@ -146,6 +146,12 @@ class FileSystem:
             # explicit mtime (futimens after writing, as cp -p and tar do; the kernel's own mtime at
             # writeback) outranks the time of those writes, which a later commit would put back.
             with f.lock:
+                if fields.keys() == {"mtime_ns"} and f.modified:
+                    # The kernel writing back its mtime of a written file (at close, with the
+                    # writeback cache): it goes with the data's commit, one change instead of two.
+                    f.mtime_ns = fields["mtime_ns"]
+                    self._flush(f)
+                    return self.getattr(ino)
                 self._flush(f)
                 result = self.client.change("setattr", ino=ino, **fields)
                 if "size" in fields:
