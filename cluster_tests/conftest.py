@@ -82,6 +82,10 @@ class LocalCluster:
     def start(self, node: int) -> None:
         localcluster.start_daemons(self.home, [node])
 
+    def checkpoint_store(self) -> Path:
+        """Where `checkpoint` writes: the store lives in KDFS."""
+        return self.home.kdfs_mountpoint(self.home.load_config()) / ".kerrighed" / "chkpt"
+
     def log(self, node: int) -> str:
         return self.home.logfile(node).read_text(errors="replace")
 

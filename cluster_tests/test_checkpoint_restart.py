@@ -46,7 +46,7 @@ def test_an_application_on_two_nodes_is_checkpointed_and_restarted(cluster, tmp_
     m = re.fullmatch(rf"Checkpointing application {appid}...\nIdentifier: {appid}\nVersion: 1\n"
                      r"Description: two counters\nDate: \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\n", r.stdout)
     assert m, r.stdout
-    version = cluster.home.path / "chkpt" / str(appid) / "v1"
+    version = cluster.checkpoint_store() / str(appid) / "v1"
     assert (version / "description.txt").read_text().startswith(f"Identifier: {appid}\nVersion: 1\n")
     assert sorted(p.name for p in version.iterdir()) == ["description.txt", "node2", "node3"]
     at_checkpoint = {p: len(lines(p)) for p in (a, b)}

@@ -198,7 +198,7 @@ def test_a_shell_script_application_is_checkpointed_and_restarted_whole(cluster,
 
     r = cluster.run("checkpoint", "-a", "-k", str(appid))
     assert f"Identifier: {appid}\nVersion: 1\n" in r.stdout
-    version = cluster.home.path / "chkpt" / str(appid) / "v1"
+    version = cluster.checkpoint_store() / str(appid) / "v1"
     assert sorted(p.name for p in version.iterdir()) == ["description.txt", "node1", "node2", "node3"]
     wait_for(lambda: not app_jobs(cluster, appid), what="the application to end")
     snapshot = {p: lines(p)[-1] for p in outs}
@@ -224,7 +224,7 @@ def test_a_restart_that_fails_on_one_node_leaves_nothing_behind(cluster, tmp_pat
     cluster.run("checkpoint", "-a", "-k", str(appid))
     wait_for(lambda: not app_jobs(cluster, appid), what="the application to end")
     on3 = next(g for g, j in jobs.items() if j["node"] == 3)
-    images = cluster.home.path / "chkpt" / str(appid) / "v1" / "node3" / f"job{on3}" / "images"
+    images = cluster.checkpoint_store() / str(appid) / "v1" / "node3" / f"job{on3}" / "images"
     saved = tmp_path / "saved"
     shutil.copytree(images, saved)
 

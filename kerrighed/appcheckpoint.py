@@ -2,7 +2,8 @@
 
 An application is every job sharing an application id. `checkpoint` freezes all of them on all
 nodes first, then every node dumps its own jobs in parallel into the same version of the image
-store (`<home>/chkpt/<appid>/v<N>.partial`, made `v<N>` once complete), then resumes (or ends)
+store (in KDFS, `<mount>/.kerrighed/chkpt/<appid>/v<N>.partial`, made `v<N>` once complete; `<home>/chkpt`
+when KDFS is off), then resumes (or ends)
 them: a consistent snapshot. `restart` restores every job of a version with its global PID, each
 on the node that dumped it if that node is online, else where the scheduler places it (or all on
 one node, or all through the scheduler, when asked). Every chosen node first checks it can read
@@ -40,9 +41,20 @@ class AppCheckpoints:
         self.jobs = daemon.jobs
 
     def store(self):
+        """The versioned image store: in KDFS (every node reads what any node dumped), or in the
+        home when KDFS is off. Blocking file work: call it, and the store's methods, off the loop,
+        since this very daemon may be the one serving the mount's requests."""
         from checkpoint.store import Store      # only daemons that checkpoint need it
+        from kdfs.mount import mounted
 
-        return Store(self.d.home.path / "chkpt")
+        if not self.d.cfg.kdfs.enabled:
+            return Store(self.d.home.path / "chkpt")
+        mp = self.d.home.kdfs_mountpoint(self.d.cfg)
+        if not mounted(mp):
+            raise KrgError(f"the checkpoint store is in KDFS, which is not mounted at {mp} on node {self.d.me}")
+        private = mp / ".kerrighed"
+        private.mkdir(mode=0o700, exist_ok=True)   # images hold every user's memory: root's only
+        return Store(private / "chkpt")
 
     # -- the coordinator (the node the command talks to) -------------------------------------------------
 
@@ -60,12 +72,12 @@ class AppCheckpoints:
                 raise
         if msg.mode == "freeze":
             return {"appid": appid}
-        version = self.store().new_version(appid)
+        version = await asyncio.to_thread(lambda: self.store().new_version(appid))
         try:
             await self._on_all(nodes, p.AppDump(app=appid, version=version.n))
-            meta = version.commit(msg.description)
+            meta = await asyncio.to_thread(version.commit, msg.description)
         except BaseException:
-            version.abort()
+            await asyncio.to_thread(version.abort)
             if msg.mode != "ckpt-only":
                 await self._on_all(nodes, p.AppThaw(app=appid, uid=caller.uid), quiet=True)
             raise
@@ -83,8 +95,8 @@ class AppCheckpoints:
             if msg.node not in online:
                 raise NodeStateError(f"node {msg.node} is not online (online: {','.join(map(str, online))}); "
                                      f"add it with 'krgadm nodes add -n {msg.node}'")
-        version = self.store().get(msg.appid, msg.version)
-        jobs = version.jobs()
+        version = await asyncio.to_thread(lambda: self.store().get(msg.appid, msg.version))
+        jobs = await asyncio.to_thread(version.jobs)
         if not jobs:
             raise KrgError("restart: invalid checkpoint files (no job in them)")
         if any(j.get("app") == msg.appid and j["state"] not in ("exited", "lost") for j in await self.jobs.listing()):
@@ -92,7 +104,7 @@ class AppCheckpoints:
         metas = {}
         for job in jobs:
             try:
-                metas[job.gpid] = meta = job.meta()
+                metas[job.gpid] = meta = await asyncio.to_thread(job.meta)
             except (OSError, ValueError, KrgError) as e:
                 raise KrgError(f"invalid checkpoint files (job {job.gpid}: {e})") from None
             if caller.uid not in (0, meta.uid):
@@ -194,15 +206,16 @@ class AppCheckpoints:
         from checkpoint import criu
         from checkpoint.store import JobMeta, Version
 
-        version = Version(self.store(), msg.app, msg.version, partial=True)
+        version = await asyncio.to_thread(lambda: Version(self.store(), msg.app, msg.version, partial=True))
 
         async def dump(job: HostedJob) -> None:
             r = job.record
-            where = version.job(self.d.me, r.gpid)
+            where = await asyncio.to_thread(version.job, self.d.me, r.gpid)
             external = [criu.fd_key(r.host_pid, 0)] if r.tty else []
             await asyncio.to_thread(criu.dump, r.host_pid, where.images, leave_running=True, external=external)
-            where.write_meta(JobMeta(gpid=r.gpid, argv=r.argv, uid=r.uid, gid=r.gid, cwd=r.cwd, node=self.d.me,
-                                     app=r.app, caps=r.caps, tty=r.tty))
+            await asyncio.to_thread(where.write_meta, JobMeta(
+                gpid=r.gpid, argv=r.argv, uid=r.uid, gid=r.gid, cwd=r.cwd, node=self.d.me,
+                app=r.app, caps=r.caps, tty=r.tty))
 
         try:
             await asyncio.gather(*(dump(j) for j in self._hosted_of(msg.app)))
@@ -214,13 +227,13 @@ class AppCheckpoints:
         from checkpoint.store import CheckpointNotFound
 
         try:
-            version = self.store().get(msg.appid, msg.version)
+            version = await asyncio.to_thread(lambda: self.store().get(msg.appid, msg.version))
         except CheckpointNotFound as e:
             raise CheckpointUnreadable(
                 f"node {self.d.me} cannot read checkpoint v{msg.version} of application {msg.appid} "
                 f"({e}); {SHARED_STORE}") from None
         for dumped_on, gpid in msg.jobs:
-            _readable(version, dumped_on, gpid, self.d.me)
+            await asyncio.to_thread(_readable, version, dumped_on, gpid, self.d.me)
             if gpid in self.jobs.hosted:
                 raise NodeStateError(f"one PID (including session id or group id) of the application is already "
                                      f"in use: job {gpid} runs on node {self.d.me}")
@@ -228,8 +241,8 @@ class AppCheckpoints:
             return p.Ok()
 
         async def restore(dumped_on: int, gpid: int) -> None:
-            where = version.job(dumped_on, gpid)
-            meta = where.meta()
+            where = await asyncio.to_thread(version.job, dumped_on, gpid)
+            meta = await asyncio.to_thread(where.meta)
             record = JobRecord(gpid=gpid, argv=meta.argv, uid=meta.uid, gid=meta.gid, cwd=meta.cwd,
                                origin=self.d.me, node=self.d.me, start_time=time.time(), tty=meta.tty,
                                detach=True, app=meta.app, caps=meta.caps)
@@ -285,7 +298,7 @@ class AppCheckpoints:
 
 
 SHARED_STORE = ("the checkpoint store must be readable by every node that may restore "
-                "(one shared directory on a local cluster, KDFS on real machines)")
+                "(it lives in KDFS unless [kdfs] enabled = false)")
 
 
 class CheckpointUnreadable(KrgError):
