@@ -74,6 +74,7 @@ class OpenFile:
         self.written: dict[int, list[tuple[int, int]]] = {}
         self.uploads: dict[int, tuple[bytearray, Future]] = {}   # idx -> (content, put future)
         self.pending: dict[int, dict] = {}        # uploaded, not yet committed
+        self.discard: list[str] = []              # uploaded, then superseded before any commit
         self.error: Exception | None = None       # an upload failed: the next flush fails, commits nothing
         self.mtime_ns: int | None = None
         self.opens = 0
@@ -428,9 +429,14 @@ class FileSystem:
         next flush, which then commits none of the file's new chunks). Returns the uploaded content."""
         content, fut = f.uploads.pop(idx)
         try:
-            f.pending[idx] = fut.result()
+            ref = fut.result()
         except Exception as e:
             f.error = f.error or e
+        else:
+            old = f.pending.get(idx)
+            if old is not None:
+                f.discard.append(old["id"])     # freed by the next commit, not left on the disks
+            f.pending[idx] = ref
         return content
 
     def _put(self, ino: int, idx: int, data: bytes, size_hint: int) -> dict:
@@ -448,6 +454,7 @@ class FileSystem:
             # Drop every write since the last commit (half of them would mix old and new content)
             # and show the committed file again.
             e, f.error = f.error, None
+            f.discard += [r["id"] for r in f.pending.values()]
             f.pending.clear()
             f.mtime_ns = None
             try:
@@ -461,10 +468,13 @@ class FileSystem:
         if not f.pending and f.mtime_ns is None:
             return
         refs = [f.pending[i] for i in sorted(f.pending)]
-        self.client.change("commit", ino=f.ino, chunks=refs, size=f.size, mtime_ns=f.mtime_ns or time.time_ns())
+        extra = {"discard": list(f.discard)} if f.discard else {}
+        self.client.change("commit", ino=f.ino, chunks=refs, size=f.size, mtime_ns=f.mtime_ns or time.time_ns(),
+                           **extra)
         for r in refs:
             f.refs[r["idx"]] = r
         f.pending.clear()
+        f.discard.clear()
         if not f.dirty and not f.uploads:
             f.mtime_ns = None
 

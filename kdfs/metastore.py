@@ -744,6 +744,14 @@ class MetaStore:
                     freed.append(old[0])
                 db.execute("UPDATE chunks SET id = ?, length = ?, nodes = ? WHERE ino = ? AND idx = ?",
                            (cid, length, nodes, ino, idx))
+        # Uploads this file's writer superseded before committing them (it wrote a chunk again while
+        # the first version was on its way): never referenced, so freed here with the others.
+        discard = op.get("discard") or []
+        if not isinstance(discard, (list, tuple)) or any(not isinstance(c, str) or not c for c in discard):
+            raise _err(errno.EINVAL, f"discarded chunks {discard!r} are not a list of chunk ids")
+        for cid in dict.fromkeys(discard):
+            if cid not in seen_id and db.execute("SELECT 1 FROM chunks WHERE id = ?", (cid,)).fetchone() is None:
+                freed.append(cid)
         db.execute("UPDATE inodes SET size = max(size, ?), mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
                    (size, mtime, self._now, ino))
         return {"attr": self.getattr(ino), "freed": freed}

@@ -398,6 +398,24 @@ def test_commit_publishes_chunks_and_frees_the_ones_it_replaces(store, L):
     assert store.chunks(g) == [] and store.getattr(g)["size"] == 0
 
 
+def test_commit_frees_the_uploads_its_writer_discarded(store, L):
+    f = L.mknod(ROOT, b"f")
+    g = L.mknod(ROOT, b"g")
+    L.commit(g, [(0, "g0", 10)], 10)
+    L.commit(f, [(0, "a0", 5)], 5)
+    # a1 and a2 were uploads of chunk 0 the writer overwrote before committing a3
+    r = L("commit", ino=f, chunks=[{"idx": 0, "id": "a3", "length": 7, "nodes": [1]}], size=7, mtime_ns=None,
+          discard=["a1", "a2", "a1", "a3", "g0"])
+    assert r["freed"] == ["a0", "a1", "a2"]             # a3 is committed here, g0 is g's
+    assert store.chunks(f) == [{"idx": 0, "id": "a3", "length": 7, "nodes": [1]}]
+    assert store.chunk("g0")["ino"] == g
+    for bad in ("a4", [4], [""], {"a4": 1}):
+        fails(errno.EINVAL, L, "commit", ino=f, chunks=[{"idx": 1, "id": "b1", "length": 1, "nodes": [1]}],
+              size=CS + 1, mtime_ns=None, discard=bad)
+    assert store.chunk("b1") is None and store.getattr(f)["size"] == 7     # a refused commit changes nothing
+    assert L("commit", ino=f, chunks=[], size=7, mtime_ns=None, discard=[])["freed"] == []
+
+
 def test_replica_lists_and_repair_scans(store, L):
     f = L.mknod(ROOT, b"f")
     g = L.mknod(ROOT, b"g")
