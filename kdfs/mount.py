@@ -32,6 +32,17 @@ def lock_file(home: Home) -> Path:
     return home.path / "kdfs-mount.pid"
 
 
+def _starting_file(home: Home) -> Path:
+    return home.path / "kdfs-mount.starting"
+
+
+def _is_mount_process(pid: int) -> bool:
+    try:
+        return b"kdfs.mount" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def mounted(mountpoint: Path) -> bool:
     """Whether a KDFS mount sits at `mountpoint` (/proc/mounts escapes spaces as \\040)."""
     want = str(mountpoint).replace(" ", "\\040")
@@ -43,36 +54,42 @@ def mounted(mountpoint: Path) -> bool:
 
 
 def mount_pid(home: Home) -> int | None:
-    """The running mount process's pid: it holds a lock on its pid file."""
+    """The mount process's pid: it holds a lock on its pid file once it runs; before that, the pid
+    its starter wrote down (it may be stopped while still starting)."""
     try:
         fd = os.open(lock_file(home), os.O_RDONLY)
     except OSError:
-        return None
+        fd = None
+    if fd is not None:
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    return int(os.read(fd, 32).split()[0])
+                except (ValueError, IndexError):
+                    pass        # locked, pid not written yet: look at the starter's note
+        finally:
+            os.close(fd)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return None
-        except BlockingIOError:
-            pass
-        try:
-            return int(os.read(fd, 32).split()[0])
-        except (ValueError, IndexError):
-            return -1           # starting
-    finally:
-        os.close(fd)
+        pid = int(_starting_file(home).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if _is_mount_process(pid) else None
 
 
 def ensure(home: Home, log_file: Path | None = None) -> None:
-    """Start this machine's mount process unless one runs (it checks again under its lock)."""
-    if mount_pid(home):
-        return
-    out = open(log_file or os.devnull, "ab")
-    try:
-        subprocess.Popen([sys.executable, "-m", "kdfs.mount", "--home", str(home.path)],
-                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                         cwd="/")
-    finally:
-        out.close()
+    """Start this machine's mount process unless one runs or starts (the daemons of a local cluster
+    all ask at once: one of them starts it)."""
+    with open(home.path / "kdfs-mount.spawn", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if mount_pid(home):
+            return
+        with open(log_file or os.devnull, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "kdfs.mount", "--home", str(home.path)],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                                    cwd="/")
+        _starting_file(home).write_text(f"{proc.pid}\n")
 
 
 def wait_mounted(home: Home, timeout: float = 30.0) -> Path:

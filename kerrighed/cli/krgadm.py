@@ -203,8 +203,12 @@ def cluster_start(args) -> int:
             status = add_nodes(c, nodes, args.wait)
         if status == 0 and cfg.kdfs.enabled:
             try:
-                print(f"KDFS mounted on {kdfs_mount.wait_mounted(home, args.wait)}")
+                mp = home.kdfs_mountpoint(cfg)
+                print(f"Mounting KDFS on {mp}... ", end="", flush=True)
+                kdfs_mount.wait_mounted(home, args.wait)
+                print("done")
             except TimeoutError as e:
+                print("fail")
                 raise KrgError(f"{e}; see {home.state_dir(nodes[0]) / 'kdfs-mount.log'}") from None
         return status
     with connect(args) as c:
