@@ -457,8 +457,10 @@ class JobService:
         try:
             # A pty's slave is inherited at restore: the master stays with the shepherd.
             external = [criu.fd_key(record.host_pid, 0)] if record.tty else []
+            await self.d.balancing.release(job)     # CRIU's parasite runs in the job: not at the job's quota
             stats = await asyncio.to_thread(criu.dump, record.host_pid, images, external=external)
         except criu.CriuError as e:
+            await self.d.balancing.enclose(job)
             job.resume()
             shutil.rmtree(images, ignore_errors=True)
             raise KrgError(f"cannot checkpoint job {msg.gpid}: {e}") from None
@@ -481,11 +483,15 @@ class JobService:
             log.warning("job %d: node %d could not restore it (%s); restoring it here", msg.gpid, msg.target, e)
             self.hosted.pop(msg.gpid, None)
             back = await self.restore_job(moved, images, job.job_dir, job.sink, job.credit)
+            back.waiters += job.waiters
             for data in job.held or ():
                 back.feed(data)
             raise KrgError(f"migration of job {msg.gpid} to node {msg.target} failed ({e}); "
                            f"it goes on on node {self.me}") from None
         self.hosted.pop(msg.gpid, None)
+        for waiter in job.waiters:          # a `krg wait` follows the job to its new node
+            if not waiter.done():
+                waiter.set_result({"moved": msg.target})
         for data in job.held or ():
             self.d.transport.send(msg.target, p.JobInput(gpid=msg.gpid), [data])
         self._moved(msg.gpid, record.origin, msg.target)
@@ -669,12 +675,17 @@ class JobService:
 
     async def handle_wait(self, msg: p.WaitJob, caller: Caller) -> dict:
         node = await self.locate(msg.gpid)
-        if node == self.me:
-            return {"status": await self.wait_local(msg.gpid)}
-        try:
-            return await self.d.request_unless_down(node, p.JobWait(gpid=msg.gpid), timeout=None)
-        except NodeDown:
-            raise JobLost(f"job {msg.gpid} is lost: node {node} died") from None
+        while True:
+            if node == self.me:
+                status = await self.wait_local(msg.gpid)
+            else:
+                try:
+                    status = (await self.d.request_unless_down(node, p.JobWait(gpid=msg.gpid), timeout=None))["status"]
+                except NodeDown:
+                    raise JobLost(f"job {msg.gpid} is lost: node {node} died") from None
+            if "moved" not in status:
+                return {"status": status}
+            node = status["moved"]          # it migrated while we waited: wait where it went
 
     async def wait_local(self, gpid: int) -> dict:
         if gpid in self.finished:
