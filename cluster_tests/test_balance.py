@@ -65,14 +65,24 @@ def busy_job(cluster, node, tag, migratable=True) -> int:
     return int(re.search(r"Running application (\d+)", out).group(1))
 
 
-def job_processes(gpid: int, tag: str) -> list[int]:
-    """The job's shepherd, init and program (whichever node hosts it)."""
+def job_processes(cluster, gpid: int, tag: str) -> list[int]:
+    """The job's shepherd, init and program (whichever node of this cluster hosts it)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         line = " ".join(proc.info["cmdline"] or ())
-        if tag in line or f"/jobs/{gpid}/ctl.sock" in line:
+        if tag in line or re.search(rf"{re.escape(str(cluster.home.path))}/nodes/\d+/jobs/{gpid}/ctl\.sock", line):
             found.append(proc.pid)
     return found
+
+
+def describe(pids, hierarchy) -> str:
+    out = []
+    for pid in pids:
+        try:
+            out.append(f"{pid} in {cgroup_of(pid, hierarchy)}: {' '.join(psutil.Process(pid).cmdline())[:120]}")
+        except psutil.Error as e:
+            out.append(f"{pid}: {e}")
+    return "; ".join(out)
 
 
 def nodes_of(cluster, gpids) -> collections.Counter:
@@ -101,19 +111,28 @@ def test_a_nodes_jobs_run_in_its_cpu_limited_cgroup_before_and_after_migration(l
 
     tag = f"krgtest-{uuid.uuid4().hex[:8]}"
     gpid = busy_job(c, 2, tag)
-    pids = wait_for(lambda: (lambda p: p if len(p) >= 3 else None)(job_processes(gpid, tag)),
+    pids = wait_for(lambda: (lambda p: p if len(p) >= 3 else None)(job_processes(c, gpid, tag)),
                     what="the job's shepherd, init and program")
-    assert {cgroup_of(pid, c.hierarchy) for pid in pids} == {"/" + c.cgroups[2].name}
+    assert {cgroup_of(pid, c.hierarchy) for pid in pids} == {"/" + c.cgroups[2].name}, describe(pids, c.hierarchy)
     assert set(pids) <= {int(x) for x in (c.cgroups[2] / "cgroup.procs").read_text().split()}
 
-    c.run("migrate", str(gpid), "3")
+    # A `krg wait` begun on node 2 follows the job to node 3.
+    waiting = subprocess.Popen([str(BIN / "krg"), "--home", str(c.home.path), "--node", "1", "wait", str(gpid)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        c.run("migrate", str(gpid), "3")
+    except BaseException:
+        waiting.kill()
+        waiting.communicate()
+        raise
     assert ps(c)[gpid]["node"] == 3
-    pids = job_processes(gpid, tag)
+    pids = job_processes(c, gpid, tag)
     assert len(pids) >= 3
-    assert {cgroup_of(pid, c.hierarchy) for pid in pids} == {"/" + c.cgroups[3].name}
+    assert {cgroup_of(pid, c.hierarchy) for pid in pids} == {"/" + c.cgroups[3].name}, describe(pids, c.hierarchy)
     assert not (c.cgroups[2] / "cgroup.procs").read_text().split()
     c.run("krg", "kill", "-s", "KILL", str(gpid))
-    assert c.run("krg", "wait", str(gpid), check=False).returncode == 128 + 9
+    _, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 128 + 9, err
 
 
 def test_the_balancer_spreads_busy_jobs_and_stops_when_switched_off(limited):

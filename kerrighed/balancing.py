@@ -9,8 +9,8 @@
   second, that is the CPU work the job wants, one for a busy loop even when its node's quota
   throttles it to a tenth of a CPU. The node's *runnable* work is the sum over its jobs (work
   outside the cluster is not counted: the balancer moves jobs, and balances what it can move).
-- **Report.** Heartbeats carry capacity, runnable work, and the node's busiest migratable jobs
-  (CAN_MIGRATE effective; at most REPORTED_JOBS): load, CPU time, age, time since it arrived.
+- **Report.** Heartbeats carry capacity, runnable work, and the node's migratable jobs that use
+  CPU (CAN_MIGRATE effective; at most REPORTED_JOBS): load, CPU time, age, time since it arrived.
 - **Decide.** The lowest-numbered online node runs the scheduler's balancer every ROUND_S over
   the last figures heard (one decider: two nodes never move the same job), and asks each chosen
   job's host to migrate it by the ordinary migration path. A migration that fails is logged and
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 MEASURE_S = 0.5          # how often a node measures its jobs (while a balancer is configured)
 ROUND_S = 0.5            # how often the deciding node runs the balancer
-REPORTED_JOBS = 32       # migratable jobs a heartbeat lists, the busiest first
+REPORTED_JOBS = 32       # migratable jobs a heartbeat lists, those with the most CPU time first
+REPORTED_MIN_LOAD = 0.1  # a job wanting less CPU than this is not listed: moving it gains nothing
 SMOOTHING = 0.5          # weight of the newest measure in a job's load (the rest: the previous one)
 UNMEASURED_LOAD = 1.0    # what a job not measured yet counts for in its node's runnable work
 MIGRATION_TIMEOUT = 120.0
@@ -98,6 +99,16 @@ class Balancing:
         self.arrived[job.gpid] = time.monotonic()
         await self.enclose(job)
 
+    async def release(self, job: HostedJob) -> None:
+        """Out of the cgroup, before CRIU dumps the job: CRIU's parasite code runs inside the job's
+        processes, and at the node's quota, shared with every busy job there, a dump took seconds.
+        The job is frozen for the dump, so it gains no CPU by it; a dump that fails puts it back."""
+        if self.cgroup is not None and job.record.host_pid:
+            try:
+                await asyncio.to_thread(_release, self.cgroup, job.record.host_pid)
+            except OSError as e:
+                log.warning("job %d: cannot take it out of %s: %s", job.gpid, self.cgroup, e)
+
     async def enclose(self, job: HostedJob) -> None:
         """Move a job's processes (shepherd, init and all below) into this node's cgroup. A job
         started here is in it from its first instruction (jobs.spawn); a restored one is made by
@@ -146,7 +157,7 @@ class Balancing:
         wall = time.time()
         listed = []
         for job in jobs:
-            if job.gpid not in loads or loads[job.gpid] < 0.1 or job.gpid not in figures:
+            if job.gpid not in loads or loads[job.gpid] < REPORTED_MIN_LOAD or job.gpid not in figures:
                 continue
             caps = Capabilities.from_dict(job.record.caps) if job.record.caps else Capabilities.DEFAULT
             if not caps.has("CAN_MIGRATE"):
@@ -180,7 +191,7 @@ class Balancing:
             for gpid, load, cpu_time, age, resident, rss in st.get("migratable", ()):
                 jobs.append(JobLoad(gpid=gpid, node=n, cpu_percent=100.0 * load, rss=rss, can_migrate=True,
                                     load=load, cpu_time=cpu_time, age=age, resident=resident))
-        return ClusterView(nodes=tuple(nodes), local=self.d.me, now=now), tuple(jobs)
+        return ClusterView(nodes=tuple(nodes), local=self.d.me, now=now, moving=frozenset(self.moving)), tuple(jobs)
 
     def _decide(self, now: float) -> None:
         view, jobs = self.snapshot(now)
@@ -288,6 +299,16 @@ def _enclose(cgroup: NodeCgroup, init: int, timeout: float = 2.0) -> None:
             cgroup.add(pid)
         if not outside:
             time.sleep(0.02)
+
+
+def _release(cgroup: NodeCgroup, init: int) -> None:
+    try:
+        root = psutil.Process(init)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return
+    for proc in procs:
+        cgroup.release(proc.pid)
 
 
 def _is_shepherd(pid: int) -> bool:

@@ -141,6 +141,18 @@ class NodeCgroup:
                 return False
             raise
 
+    def release(self, pid: int) -> bool:
+        """Take process `pid` out, into the hierarchy's root (no quota); False if it is gone."""
+        try:
+            _write(self.hierarchy.root / "cgroup.procs", str(pid))
+            return True
+        except ProcessLookupError:
+            return False
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                return False
+            raise
+
     def holds(self, pid: int) -> bool:
         return cgroup_of(pid, self.hierarchy) == "/" + self.name
 
@@ -171,7 +183,7 @@ class NodeCgroup:
         log.warning("%s still holds processes %s; moving them out", self.path, left)
         for pid in left:
             try:
-                _write(self.hierarchy.root / "cgroup.procs", str(pid))
+                self.release(pid)
             except OSError:
                 pass
         try:

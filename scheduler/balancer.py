@@ -19,7 +19,8 @@ from scheduler._plugin import Param, Plugin, Registry
 from scheduler.view import ClusterView, JobLoad, Migration
 
 MIN_JOB_LOAD = 0.1      # a job wanting less than a tenth of a CPU gains nothing by moving
-FLIGHT_S = 3.0          # how long a decided move counts on its target before the target reports it
+SETTLE_S = 2.0          # after its migration ended, how long a move counts on its target unreported
+FLIGHT_S = 120.0        # a move whose end is never seen is forgotten after this long
 
 
 class Balancer(Plugin):
@@ -73,6 +74,7 @@ class MosixLoadBalancer(Balancer):
         self._left: dict[int, float] = {}                         # node -> when a job last left it
         self._moved: dict[int, float] = {}                        # gpid -> when we moved it
         self._flying: dict[int, tuple[Migration, float, float]] = {}   # gpid -> (move, its load, when)
+        self._landed: dict[int, float] = {}                       # gpid -> when its migration was seen over
 
     def rebalance(self, view: ClusterView, jobs: tuple[JobLoad, ...]) -> list[Migration]:
         now = view.now
@@ -80,11 +82,11 @@ class MosixLoadBalancer(Balancer):
         self._forget(now)
         capacity = {n.node: n.capacity for n in view.nodes}
         work = {n.node: n.load if n.runnable is None else n.runnable for n in view.nodes}
-        self._count_flying(work, {j.gpid: j.node for j in jobs})
+        self._count_flying(work, {j.gpid: j.node for j in jobs}, view.moving, now)
 
         candidates: dict[int, list[JobLoad]] = {}
         for job in sorted(jobs, key=lambda j: (-j.cpu_time, j.gpid)):
-            if job.node in work and self._eligible(job, now):
+            if job.node in work and job.gpid not in view.moving and self._eligible(job, now):
                 candidates.setdefault(job.node, []).append(job)
 
         def busy(node: int) -> float:
@@ -118,15 +120,21 @@ class MosixLoadBalancer(Balancer):
                 and now - self._moved.get(job.gpid, -math.inf) >= residency
                 and job.gpid not in self._flying)
 
-    def _count_flying(self, work: dict[int, float], where: dict[int, int]) -> None:
+    def _count_flying(self, work: dict[int, float], where: dict[int, int], moving: frozenset[int],
+                      now: float) -> None:
         """A move decided lately is not in the figures yet (the job is being dumped, or its new
         node has not reported it): count it where it goes, so the next round does not send a
-        second job to the same idle node, nor take another from a source that already gave."""
+        second job to the same idle node, nor take another from a source that already gave. It
+        counts while the migration is under way (`view.moving`) and SETTLE_S after, unless the
+        target reports the job before."""
         for gpid, (move, load, _) in list(self._flying.items()):
             node = where.get(gpid)
+            if gpid not in moving:
+                self._landed.setdefault(gpid, now)
             if node == move.target or move.source not in work or move.target not in work \
-                    or node not in (None, move.source):
-                del self._flying[gpid]          # arrived (its target counts it now), or moot
+                    or node not in (None, move.source) or now - self._landed.get(gpid, now) > SETTLE_S:
+                del self._flying[gpid]          # arrived (its target counts it now), failed, or moot
+                self._landed.pop(gpid, None)
                 continue
             if node == move.source:
                 work[move.source] = max(0.0, work[move.source] - load)
@@ -136,4 +144,5 @@ class MosixLoadBalancer(Balancer):
         residency = self.params["residency"]
         self._moved = {g: t for g, t in self._moved.items() if now - t < residency}
         self._flying = {g: f for g, f in self._flying.items() if now - f[2] < FLIGHT_S}
+        self._landed = {g: t for g, t in self._landed.items() if g in self._flying}
         self._left = {n: t for n, t in self._left.items() if now - t < self.params["interval"]}

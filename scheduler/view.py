@@ -47,6 +47,7 @@ class ClusterView:
     nodes: tuple[NodeLoad, ...]   # online nodes, sorted by id
     local: int                    # the node deciding
     now: float = 0.0              # when the snapshot was taken: seconds on the decider's monotonic clock
+    moving: frozenset[int] = frozenset()   # jobs whose migration (asked by the decider) is under way
 
     def __post_init__(self):
         # The daemon builds views from dicts of heartbeats: sort here so no caller can forget.
@@ -55,6 +56,7 @@ class ClusterView:
             if a.node == b.node:
                 raise ValueError(f"node {a.node} appears twice in the cluster view")
         object.__setattr__(self, "nodes", nodes)
+        object.__setattr__(self, "moving", frozenset(self.moving))
 
     @property
     def ids(self) -> tuple[int, ...]:

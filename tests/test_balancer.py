@@ -190,3 +190,21 @@ def test_sixteen_jobs_on_one_node_spread_over_four():
     counts = sorted(sum(1 for w in where.values() if w == n) for n in (1, 2, 3, 4))
     assert counts[-1] / counts[0] <= 1.3 * (counts[0] + 1) / counts[0]     # as even as the factor allows
     assert sum(counts) == 16 and counts[0] >= 3
+
+
+def test_a_move_counts_on_its_target_while_its_migration_lasts_and_a_failed_one_stops_counting():
+    b = mosix(interval=0.0)
+    jobs = tuple(job(g, 1) for g in (10, 11, 12, 13))
+    stale = (node(1, 4.0), node(2), node(3), node(4))
+
+    def at(now, moving=frozenset()):
+        return ClusterView(nodes=stale, local=1, now=now, moving=moving)
+
+    assert b.rebalance(at(1.0), jobs) == [Migration(10, 1, 2)]
+    # A slow migration (a big job): ten seconds on, job 10 still counts on node 2, and is no candidate.
+    assert b.rebalance(at(11.0, moving={10}), jobs) == [Migration(11, 1, 3)]
+    assert b.rebalance(at(11.5, moving={10, 11}), jobs) == [Migration(12, 1, 4)]
+    # Job 10's migration failed (no longer under way, still reported on node 1): two seconds later
+    # node 2 counts as empty again, and job 10 (its residency over) is tried again.
+    assert b.rebalance(at(12.0, moving={11, 12}), jobs) == []
+    assert b.rebalance(at(14.5, moving={11, 12}), jobs) == [Migration(10, 1, 2)]
