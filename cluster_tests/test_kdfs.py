@@ -326,3 +326,25 @@ def test_the_python_api_and_the_mount_see_the_same_files(kdfs3):
     drop_caches()
     assert (mp / "store" / "app" / "v1" / "image").read_bytes() == b"short"
     assert sorted(os.listdir(mp / "store")) == ["app"]
+
+
+def test_a_file_unlinked_while_open_goes_at_the_next_mount_if_the_mount_went_first(kdfs3):
+    mp = mnt(kdfs3)
+    f = open(mp / "doomed", "wb")
+    try:
+        f.write(os.urandom(100_000))
+        f.flush()
+        os.fsync(f.fileno())
+        (mp / "doomed").unlink()
+        orphans = lambda: json.loads(kdfs(kdfs3, "df", "--json").stdout)["files"]["orphans"]
+        assert orphans() == 1
+        kdfs3.krgadm("cluster", "stop")
+    finally:
+        try:
+            f.close()
+        except OSError:
+            pass        # its mount is gone
+    kdfs3.krgadm("cluster", "start", "--local", "3")
+    wait_for(lambda: orphans() == 0, 30, "the new mount to release the old one's orphan")
+    wait_for(lambda: json.loads(kdfs(kdfs3, "df", "--json").stdout)["total"]["chunks"] == 0, 10,
+             "its chunks to be freed")

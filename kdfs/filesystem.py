@@ -88,8 +88,11 @@ class OpenFile:
 
 class FileSystem:
     def __init__(self, connect: Callable[[], KdfsClient], chunk_size: int, cache_bytes: int = 256 << 20,
-                 max_uploads: int = 8, commit_every: int = 64 << 20):
+                 max_uploads: int = 8, commit_every: int = 64 << 20, holder: str = ""):
         self._connect = connect
+        # Who holds the files this core unlinks while open (the mount: machine and home): a new mount
+        # of the same holder releases what the old one held (kdfs/metastore.py "release_held").
+        self.holder = holder
         self.chunk_size = chunk_size
         self.max_uploads, self.commit_every = max_uploads, commit_every
         self.cache = BlockCache(cache_bytes)
@@ -200,7 +203,7 @@ class FileSystem:
         except FsError:
             ino = None
         drop = ino is not None and ino not in self._files
-        r = self.client.change("unlink", parent=parent, name=name, drop=drop)
+        r = self.client.change("unlink", parent=parent, name=name, drop=drop, holder=self.holder)
         if r.get("nlink") == 0 and not (drop and r.get("ino") == ino):
             self._orphaned(r["ino"])
 
@@ -209,7 +212,7 @@ class FileSystem:
 
     def rename(self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
         r = self.client.change("rename", parent=parent, name=name, newparent=newparent, newname=newname,
-                               flags=flags)
+                               flags=flags, holder=self.holder)
         if r.get("replaced") is not None and r.get("nlink") == 0:
             self._orphaned(r["replaced"])
 

@@ -33,7 +33,7 @@ def entry(attr: dict) -> pyfuse3.EntryAttributes:
     e.st_rdev = attr["rdev"]
     e.st_size = attr["size"]
     e.st_blksize = 1 << 20
-    e.st_blocks = -(-attr["size"] // 512)
+    e.st_blocks = -(-attr.get("stored", attr["size"]) // 512)    # holes take no room: du, cp --sparse
     e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = attr["atime_ns"], attr["mtime_ns"], attr["ctime_ns"]
     return e
 

@@ -36,7 +36,7 @@ import msgpack
 from kerrighed.errors import FsError
 
 ROOT = 1
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_CHUNK_SIZE = 4 << 20
 NAME_MAX = 255
 PATH_MAX = 4096                       # a symlink's target, with its terminating NUL in the kernel
@@ -86,12 +86,26 @@ CREATE TABLE chunks (
     nodes TEXT NOT NULL,
     PRIMARY KEY (ino, idx)
 ) WITHOUT ROWID;
+CREATE TABLE held (
+    ino INTEGER PRIMARY KEY,
+    holder TEXT NOT NULL
+);
 CREATE TABLE log (
     seq INTEGER PRIMARY KEY,
     term INTEGER NOT NULL,
     op BLOB NOT NULL
 );
 """
+
+
+# Bytes a file's chunks hold (holes hold none): reads report it as "stored", for st_blocks.
+_STORED = "(SELECT total(c.length) FROM chunks c WHERE c.ino = i.ino)"
+
+
+def _with_stored(row: tuple) -> dict:
+    attr = dict(zip(_ATTR_KEYS, row))
+    attr["stored"] = int(row[len(_ATTR_KEYS)])
+    return attr
 
 
 def _err(code: int, detail: str) -> FsError:
@@ -217,7 +231,7 @@ class MetaStore:
             "mknod": self._mknod, "mkdir": self._mkdir, "symlink": self._symlink,
             "link": self._link, "unlink": self._unlink, "rmdir": self._rmdir,
             "rename": self._rename, "setattr": self._setattr, "commit": self._commit,
-            "replicas": self._replicas, "forget": self._forget,
+            "replicas": self._replicas, "forget": self._forget, "release_held": self._release_held,
         }
 
     def _create(self, chunk_size: int) -> None:
@@ -357,21 +371,21 @@ class MetaStore:
     # ---- reads
 
     def getattr(self, ino: int) -> dict:
-        row = self._db.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        row = self._db.execute(f"SELECT {_ATTR_COLS}, {_STORED} FROM inodes i WHERE ino = ?", (ino,)).fetchone()
         if row is None:
             raise _err(errno.ENOENT, f"no inode {ino}")
-        return dict(zip(_ATTR_KEYS, row))
+        return _with_stored(row)
 
     def lookup(self, parent: int, name: bytes) -> dict:
         """Attributes of `name` in directory `parent` (b"." and b".." included)."""
         if len(name) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG, f"name of {len(name)} bytes (at most {NAME_MAX})")
         row = self._db.execute(
-            "SELECT i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, i.atime_ns, i.mtime_ns, i.ctime_ns "
-            "FROM dentries d JOIN inodes i ON i.ino = d.ino WHERE d.parent = ? AND d.name = ?",
+            "SELECT i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, i.atime_ns, i.mtime_ns, i.ctime_ns, "
+            f"{_STORED} FROM dentries d JOIN inodes i ON i.ino = d.ino WHERE d.parent = ? AND d.name = ?",
             (parent, name)).fetchone()
         if row is not None:
-            return dict(zip(_ATTR_KEYS, row))
+            return _with_stored(row)
         p = self._dir(parent)
         if name == b".":
             return self.getattr(parent)
@@ -385,10 +399,10 @@ class MetaStore:
         self._dir(ino)
         rows = self._db.execute(
             "SELECT d.name, i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, i.atime_ns, i.mtime_ns, "
-            "i.ctime_ns FROM dentries d JOIN inodes i ON i.ino = d.ino "
+            f"i.ctime_ns, {_STORED} FROM dentries d JOIN inodes i ON i.ino = d.ino "
             "WHERE d.parent = ? AND d.name > ? ORDER BY d.name LIMIT ?",
             (ino, after or b"", limit)).fetchall()
-        return [(r[0], dict(zip(_ATTR_KEYS, r[1:]))) for r in rows]
+        return [(r[0], _with_stored(r[1:])) for r in rows]
 
     def readlink(self, ino: int) -> bytes:
         row = self._db.execute("SELECT mode, target FROM inodes WHERE ino = ?", (ino,)).fetchone()
@@ -559,6 +573,8 @@ class MetaStore:
         self._touch_dir(parent)
         # "drop": the caller knows nobody has it open, so the last link frees it in this same change.
         freed = self._forget({"ino": ino})["freed"] if nlink == 1 and op.get("drop") else []
+        if nlink == 1 and not op.get("drop"):
+            self._hold(ino, op)
         return {"ino": ino, "nlink": nlink - 1, "freed": freed}
 
     def _rmdir(self, op: dict) -> dict:
@@ -630,6 +646,8 @@ class MetaStore:
                     raise _err(errno.ENOTDIR, f"{newname!r} in directory {newparent} is not a directory")
                 replaced_nlink = dnlink - 1
                 db.execute("UPDATE inodes SET nlink = ?, ctime_ns = ? WHERE ino = ?", (replaced_nlink, now, replaced))
+                if replaced_nlink == 0:
+                    self._hold(replaced, op)
             db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (newparent, newname))
         db.execute("UPDATE dentries SET parent = ?, name = ? WHERE parent = ? AND name = ?",
                    (newparent, newname, parent, name))
@@ -763,6 +781,23 @@ class MetaStore:
             raise _err(errno.ENOENT, f"no chunk {cid!r} is referenced")
         return {}
 
+    def _hold(self, ino: int, op: dict) -> None:
+        """An orphan is held by the mount that may have it open (op["holder"]): when that mount
+        starts again, nothing can have it open any more ("release_held")."""
+        holder = op.get("holder")
+        if isinstance(holder, str) and holder:
+            self._db.execute("INSERT OR REPLACE INTO held VALUES (?, ?)", (ino, holder))
+
+    def _release_held(self, op: dict) -> dict:
+        holder = op.get("holder")
+        if not isinstance(holder, str) or not holder:
+            raise _err(errno.EINVAL, "release_held needs a holder")
+        freed: list[str] = []
+        for (ino,) in self._db.execute("SELECT ino FROM held WHERE holder = ? ORDER BY ino", (holder,)).fetchall():
+            freed += self._forget({"ino": ino})["freed"]
+        self._db.execute("DELETE FROM held WHERE holder = ?", (holder,))
+        return {"freed": freed}
+
     def _forget(self, op: dict) -> dict:
         ino = _int(op, "ino")
         row = self._db.execute("SELECT nlink FROM inodes WHERE ino = ?", (ino,)).fetchone()
@@ -770,4 +805,5 @@ class MetaStore:
             return {"freed": []}
         freed = self._free_chunks("ino = ?", (ino,))
         self._db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
+        self._db.execute("DELETE FROM held WHERE ino = ?", (ino,))
         return {"freed": freed}

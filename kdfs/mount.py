@@ -18,9 +18,11 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from kerrighed.config import Home
+from kerrighed.errors import KrgError
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,14 @@ def _set_read_ahead(mp: Path, kb: int = 1024) -> None:
         log.info("kdfs: read_ahead_kb not set: %s", e)
 
 
+def _holder(home: Home) -> str:
+    try:
+        machine = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        machine = os.uname().nodename
+    return f"{machine}:{home.path}"
+
+
 def _daemons_alive(home: Home) -> bool:
     from kerrighed.localcluster import daemon_pid
 
@@ -192,7 +202,15 @@ def serve(home: Home) -> int:
         _detach(mp)             # left by a mount process that was killed
     mp.mkdir(parents=True, exist_ok=True)
 
-    fs = FileSystem(lambda: KdfsClient(home), cfg.kdfs.chunk_size)
+    fs = FileSystem(lambda: KdfsClient(home), cfg.kdfs.chunk_size, holder=_holder(home))
+
+    def release_held() -> None:
+        # Files the previous mount of this machine kept open after their last unlink: nothing can
+        # have them open now. (In the background: the cluster may not be formed yet.)
+        try:
+            fs.client.change("release_held", holder=fs.holder)
+        except KrgError as e:
+            log.warning("kdfs: files unlinked while open under the last mount not released: %s", e)
     ops = KdfsOperations(fs)
     options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}", "allow_other",
                                                 "default_permissions"}
@@ -222,6 +240,7 @@ def serve(home: Home) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch, nursery.cancel_scope)
             nursery.start_soon(pyfuse3.main)
+            nursery.start_soon(partial(trio.to_thread.run_sync, release_held, abandon_on_cancel=True))
 
     clean = False
     try:

@@ -81,7 +81,7 @@ def names(m, ino):
 def test_a_fresh_store_has_the_root_and_an_empty_log(store):
     root = store.getattr(ROOT)
     assert root == {"ino": 1, "mode": DIR | 0o1777, "nlink": 2, "uid": 0, "gid": 0, "rdev": 0, "size": 0,
-                    "atime_ns": 0, "mtime_ns": 0, "ctime_ns": 0}
+                    "atime_ns": 0, "mtime_ns": 0, "ctime_ns": 0, "stored": 0}
     assert store.applied == 0 and store.last_term() == 0 and store.first_retained() == 1
     assert store.entries(0) == [] and store.term_at(0) == 0 and store.term_at(1) is None
     assert store.readdir(ROOT, None, 10) == []
@@ -94,7 +94,7 @@ def test_mknod_allocates_inodes_in_order_and_stamps_the_leaders_time(store, L):
     r = L("mknod", parent=ROOT, name=b"a", mode=REG | 0o640, uid=5, gid=6, rdev=0)
     assert r == {"attr": {"ino": 2, "mode": REG | 0o640, "nlink": 1, "uid": 5, "gid": 6, "rdev": 0, "size": 0,
                           "atime_ns": 1000, "mtime_ns": 1000, "ctime_ns": 1000}}
-    assert store.lookup(ROOT, b"a") == r["attr"] == store.getattr(2)
+    assert store.lookup(ROOT, b"a") == {**r["attr"], "stored": 0} == store.getattr(2)
     assert L.mknod(ROOT, b"b") == 3
     root = store.getattr(ROOT)
     assert root["mtime_ns"] == root["ctime_ns"] == 2000 and root["nlink"] == 2
@@ -235,6 +235,28 @@ def test_unlink_with_drop_frees_a_file_nobody_has_open_in_the_same_change(store,
     assert L("unlink", parent=ROOT, name=b"g", drop=True) == {"ino": f, "nlink": 0, "freed": ["c0"]}
     fails(errno.ENOENT, store.getattr, f)
     assert store.orphans() == [] and store.chunk("c0") is None
+
+
+def test_reads_report_the_bytes_chunks_hold_and_holes_hold_none(store, L):
+    f = L.mknod(ROOT, b"sparse")
+    L.commit(f, [(0, "c0", 100), (9, "c9", CS)], 10 * CS)
+    assert store.getattr(f)["size"] == 10 * CS and store.getattr(f)["stored"] == CS + 100
+    assert store.lookup(ROOT, b"sparse")["stored"] == CS + 100
+    assert dict(store.readdir(ROOT, None, 10))[b"sparse"]["stored"] == CS + 100
+
+
+def test_orphans_held_by_a_mount_go_when_that_mount_starts_again(store, L):
+    a, b, c = (L.mknod(ROOT, n) for n in (b"a", b"b", b"c"))
+    L.commit(a, [(0, "ca", 10)], 10)
+    L("unlink", parent=ROOT, name=b"a", holder="m1")              # open on mount m1
+    L("rename", parent=ROOT, name=b"b", newparent=ROOT, newname=b"c", flags=0, holder="m2")
+    assert sorted(store.orphans()) == [a, c]
+    fails(errno.EINVAL, L, "release_held", holder="")
+    assert L("release_held", holder="m1") == {"freed": ["ca"]}
+    assert store.orphans() == [c]
+    assert L("release_held", holder="m1") == {"freed": []}
+    L("forget", ino=c)                                              # released by its own mount
+    assert L("release_held", holder="m2") == {"freed": []} and store.orphans() == []
 
 
 # ---- rename
