@@ -123,7 +123,10 @@ def test_a_bad_cpu_limit_is_refused(tmp_path, value):
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="making cgroups needs root")
 def test_a_real_cgroup_limits_a_process_and_goes_away():
-    hierarchy = find_cpu_hierarchy()
+    try:
+        hierarchy = find_cpu_hierarchy()
+    except ConfigError as e:
+        pytest.skip(str(e))
     cg = NodeCgroup(hierarchy, f"krg-test-{uuid.uuid4().hex[:8]}-node1", 0.2)
     cg.create()
     busy = subprocess.Popen(["sh", "-c", "while :; do :; done"])
