@@ -101,6 +101,9 @@ class FileSystem:
         self._files: dict[int, OpenFile] = {}
         self._lookups: collections.Counter[int] = collections.Counter()
         self._orphans: set[int] = set()           # unlinked while known to the kernel
+        # (parent, name) -> inode, as last seen: the kernel looks a name up before it unlinks it,
+        # so rm knows the inode without asking. A hint only: the change checks it.
+        self._names: dict[tuple[int, bytes], int] = {}
         self._uploader = ThreadPoolExecutor(4, thread_name_prefix="kdfs-put")
         self._clients: list[KdfsClient] = []
 
@@ -129,7 +132,13 @@ class FileSystem:
         return attr
 
     def lookup(self, parent: int, name: bytes) -> dict:
-        return self._known(self._fresh(self.client.query("lookup", parent=parent, name=name)))
+        return self._named(parent, name, self._known(self._fresh(self.client.query("lookup", parent=parent, name=name))))
+
+    def _named(self, parent: int, name: bytes, attr: dict) -> dict:
+        if len(self._names) > 100_000:
+            self._names.clear()
+        self._names[(parent, name)] = attr["ino"]
+        return attr
 
     def getattr(self, ino: int) -> dict:
         return self._fresh(self.client.query("getattr", ino=ino))
@@ -164,27 +173,17 @@ class FileSystem:
                 return self._fresh(result["attr"])
         return self._fresh(self.client.change("setattr", ino=ino, **fields)["attr"])
 
-    def _owner(self, parent: int, uid: int, gid: int, mode: int) -> tuple[int, int, int]:
-        """BSD group semantics under a set-group-ID directory, as Linux does."""
-        p = self.client.query("getattr", ino=parent)
-        if p["mode"] & stat.S_ISGID:
-            gid = p["gid"]
-            if stat.S_ISDIR(mode):
-                mode |= stat.S_ISGID
-        return uid, gid, mode
+    # A set-group-ID directory's group and bit pass on inside the change itself (kdfs/metastore.py).
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> dict:
-        uid, gid, mode = self._owner(parent, uid, gid, mode)
-        return self._known(self.client.change("mknod", parent=parent, name=name, mode=mode, uid=uid, gid=gid,
-                                              rdev=rdev)["attr"])
+        return self._named(parent, name, self._known(self.client.change(
+            "mknod", parent=parent, name=name, mode=mode, uid=uid, gid=gid, rdev=rdev)["attr"]))
 
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> dict:
-        uid, gid, mode = self._owner(parent, uid, gid, mode | stat.S_IFDIR)
         return self._known(self.client.change("mkdir", parent=parent, name=name, mode=stat.S_IMODE(mode),
                                               uid=uid, gid=gid)["attr"])
 
     def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> dict:
-        uid, gid, _ = self._owner(parent, uid, gid, stat.S_IFLNK)
         return self._known(self.client.change("symlink", parent=parent, name=name, target=target,
                                               uid=uid, gid=gid)["attr"])
 
@@ -198,11 +197,14 @@ class FileSystem:
         # Not open here: the last link frees the file in the same change (rm costs one change, not two).
         # Open: it lives on as an orphan until released and forgotten. Like NFS, another machine's
         # mount that has it open is not asked.
-        try:
-            ino = self.client.query("lookup", parent=parent, name=name)["ino"]
-        except FsError:
-            ino = None
-        drop = ino is not None and ino not in self._files
+        ino = self._names.pop((parent, name), None)
+        if ino is None:
+            try:
+                ino = self.client.query("lookup", parent=parent, name=name)["ino"]
+            except FsError:
+                pass
+        # The change drops the file only if the name still means that inode.
+        drop = ino if ino is not None and ino not in self._files else False
         r = self.client.change("unlink", parent=parent, name=name, drop=drop, holder=self.holder)
         if r.get("nlink") == 0 and not (drop and r.get("ino") == ino):
             self._orphaned(r["ino"])
@@ -211,6 +213,8 @@ class FileSystem:
         self.client.change("rmdir", parent=parent, name=name)
 
     def rename(self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
+        self._names.pop((parent, name), None)
+        self._names.pop((newparent, newname), None)
         r = self.client.change("rename", parent=parent, name=name, newparent=newparent, newname=newname,
                                flags=flags, holder=self.holder)
         if r.get("replaced") is not None and r.get("nlink") == 0:
@@ -264,8 +268,8 @@ class FileSystem:
             if f is not None:
                 f.opens += 1
                 return
-        attr = self.client.query("getattr", ino=ino)
-        refs = {r["idx"]: r for r in self.client.query("chunks", ino=ino)}
+        got = self.client.query("open", ino=ino)
+        attr, refs = got["attr"], {r["idx"]: r for r in got["chunks"]}
         with self._lock:
             f = self._files.get(ino)
             if f is None:
@@ -296,6 +300,27 @@ class FileSystem:
                         forget = True
             if forget:
                 self.client.change("forget", ino=ino)
+
+    def idle(self, ino: int) -> bool:
+        """Nothing to upload or commit for this inode: flush has nothing to do (no round trip)."""
+        f = self._files.get(ino)
+        return f is None or (not f.modified and f.error is None)
+
+    def release_idle(self, ino: int) -> bool:
+        """Release without any request when there is nothing to flush or forget; False otherwise."""
+        with self._lock:
+            f = self._files.get(ino)
+            if f is None:
+                return True
+            if f.modified or f.error is not None:
+                return False
+            if f.opens > 1:
+                f.opens -= 1
+                return True
+            if ino in self._orphans:
+                return False
+            del self._files[ino]
+            return True
 
     def flush(self, ino: int) -> None:
         f = self._files.get(ino)

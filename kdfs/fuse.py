@@ -175,12 +175,15 @@ class KdfsOperations(pyfuse3.Operations):
         return await self._run(self.fs.write, fh, off, bytes(buf))
 
     async def flush(self, fh):
-        await self._run(self.fs.flush, fh)
+        if not self.fs.idle(fh):            # a file only read: no thread, no request
+            await self._run(self.fs.flush, fh)
 
     async def fsync(self, fh, datasync):
         await self._run(self.fs.fsync, fh)
 
     async def release(self, fh):
+        if self.fs.release_idle(fh):
+            return
         try:
             await self._run(self.fs.release, fh)
         except pyfuse3.FUSEError as e:

@@ -370,6 +370,26 @@ class MetaStore:
 
     # ---- reads
 
+    def query(self, name: str, args: dict) -> Any:
+        """The read queries by name, as clients ask them over the wire."""
+        if name == "getattr":
+            return self.getattr(args["ino"])
+        if name == "lookup":
+            return self.lookup(args["parent"], args["name"])
+        if name == "readdir":
+            return self.readdir(args["ino"], args.get("after"), args.get("limit", 5000))
+        if name == "readlink":
+            return self.readlink(args["ino"])
+        if name == "chunks":
+            return self.chunks(args["ino"])
+        if name == "open":          # what opening a file needs, in one round trip
+            return {"attr": self.getattr(args["ino"]), "chunks": self.chunks(args["ino"])}
+        if name == "chunk":
+            return self.chunk(args["id"])
+        if name == "stats":
+            return self.stats()
+        raise _err(errno.EINVAL, f"unknown KDFS query {name!r}")
+
     def getattr(self, ino: int) -> dict:
         row = self._db.execute(f"SELECT {_ATTR_COLS}, {_STORED} FROM inodes i WHERE ino = ?", (ino,)).fetchone()
         if row is None:
@@ -500,7 +520,12 @@ class MetaStore:
     def _create_entry(self, op: dict, mode: int, rdev: int = 0, target: bytes | None = None) -> dict:
         parent, name = _int(op, "parent"), _check_name(op["name"])
         uid, gid = _int(op, "uid"), _int(op, "gid")
-        self._dir(parent)
+        pmode, pgid = self._parent_mode_gid(parent)
+        if pmode & stat.S_ISGID:
+            # BSD group semantics under a set-group-ID directory, as Linux does; subdirectories inherit it.
+            gid = pgid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
         ino, now = self._next_ino, self._now
         try:
             self._db.execute("INSERT INTO dentries VALUES (?, ?, ?)", (parent, name, ino))
@@ -514,6 +539,10 @@ class MetaStore:
         self._touch_dir(parent, 1 if is_dir else 0)
         return {"attr": {"ino": ino, "mode": mode, "nlink": nlink, "uid": uid, "gid": gid, "rdev": rdev,
                          "size": size, "atime_ns": now, "mtime_ns": now, "ctime_ns": now}}
+
+    def _parent_mode_gid(self, parent: int) -> tuple[int, int]:
+        self._dir(parent)
+        return self._db.execute("SELECT mode, gid FROM inodes WHERE ino = ?", (parent,)).fetchone()
 
     def _free_chunks(self, where: str, args: tuple) -> list[str]:
         freed = [r[0] for r in self._db.execute(f"SELECT id FROM chunks WHERE {where} ORDER BY ino, idx", args)]
@@ -572,8 +601,9 @@ class MetaStore:
         self._db.execute("UPDATE inodes SET nlink = ?, ctime_ns = ? WHERE ino = ?", (nlink - 1, self._now, ino))
         self._touch_dir(parent)
         # "drop": the caller knows nobody has it open, so the last link frees it in this same change.
-        freed = self._forget({"ino": ino})["freed"] if nlink == 1 and op.get("drop") else []
-        if nlink == 1 and not op.get("drop"):
+        drop = op.get("drop") is True or op.get("drop") == ino     # True, or the inode the caller means
+        freed = self._forget({"ino": ino})["freed"] if nlink == 1 and drop else []
+        if nlink == 1 and not drop:
             self._hold(ino, op)
         return {"ino": ino, "nlink": nlink - 1, "freed": freed}
 

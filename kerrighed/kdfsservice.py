@@ -66,6 +66,7 @@ class KdfsService:
         self._snapshots: dict[int, Path] = {}
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
+        self._applied = asyncio.Event()     # set at every change applied here
         self._usage: dict = {}
         self._usage_at = -1e9
         self._view_changed = time.monotonic()
@@ -256,11 +257,23 @@ class KdfsService:
                     return await self.propose(change, rid)
                 if leader is None:
                     raise NotLeader("no node is online")
-                return await self.d.request_unless_down(leader, p.KdfsPropose(change=change, rid=rid), 60.0)
+                result = await self.d.request_unless_down(leader, p.KdfsPropose(change=change, rid=rid), 60.0)
+                await self._wait_applied(result.get("seq", 0), leader)   # our reads must show it
+                return result
             except (NotLeader, StaleTerm, NodeDown, Unreachable) as e:
                 if time.monotonic() > deadline:
                     raise FsError.of(errno.EIO, f"no KDFS leader answers ({e})") from None
                 await asyncio.sleep(0.1)
+
+    async def _wait_applied(self, seq: int, leader: int) -> None:
+        deadline = time.monotonic() + 5
+        while self.meta.applied < seq:
+            self._applied.clear()
+            try:
+                await asyncio.wait_for(self._applied.wait(), max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                await self._catch_up_with(leader)
+                return
 
     async def handle_propose(self, node: int, msg: p.KdfsPropose, payload) -> p.Message:
         return p.Ok(result=await self.propose(msg.change, msg.rid))
@@ -280,23 +293,46 @@ class KdfsService:
             change = {**change, "now": time.time_ns(), "rid": rid}
             seq, term = self.meta.applied + 1, self.term
             result = self._apply_local(seq, term, change)
+        # Answer once a majority of the online nodes applied it (Raft's rule): a new leader collects
+        # the most advanced replica before leading, so no single failure loses an answered change.
+        # The others apply it in the background; a node asking for the change waits for its own copy.
         others = [n for n in self.online() if n != self.d.me]
-        replies = await asyncio.gather(
-            *(self.d.request_unless_down(n, p.KdfsApply(seq=seq, term=term, change=change), APPLY_TIMEOUT)
-              for n in others), return_exceptions=True)
-        for n, r in zip(others, replies):
-            if isinstance(r, StaleTerm):
-                self.term = 0
-                self.leading.clear()
-                raise NotLeader(f"node {n} follows a newer leader") from None
-            if isinstance(r, (NodeDown, Unreachable)):
-                log.info("kdfs: node %d missed change %d (%s); it catches up when back", n, seq, r)
-            elif isinstance(r, BaseException):
-                log.warning("kdfs: node %d failed to apply change %d: %s", n, seq, r)
+        pending = {asyncio.ensure_future(self.d.request_unless_down(
+            n, p.KdfsApply(seq=seq, term=term, change=change), APPLY_TIMEOUT)): n for n in others}
+        need, acked = (len(others) + 1) // 2, 0
+        while acked < need and pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                acked += self._replied(pending.pop(t), seq, t)
+        for t, n in pending.items():
+            t.add_done_callback(lambda t, n=n: self._replied(n, seq, t))
+        if not self.term:
+            raise NotLeader(f"a newer leader than node {self.d.me} exists")
+        result = {**result, "seq": seq}
+        self.recent[rid] = result
         return result
+
+    def _replied(self, node: int, seq: int, t: asyncio.Future) -> bool:
+        """A follower's answer to change seq: True if it applied it."""
+        if t.cancelled():
+            return False
+        e = t.exception()
+        if e is None:
+            return True
+        if isinstance(e, StaleTerm):
+            if self.term:
+                log.info("kdfs: node %d follows a newer leader: node %d steps down", node, self.d.me)
+            self.term = 0
+            self.leading.clear()
+        elif isinstance(e, (NodeDown, Unreachable)):
+            log.info("kdfs: node %d missed change %d (%s); it catches up when back", node, seq, e)
+        else:
+            log.warning("kdfs: node %d failed to apply change %d: %s", node, seq, e)
+        return False
 
     def _apply_local(self, seq: int, term: int, change: dict) -> dict:
         result = self.meta.apply(seq, term, change)
+        self._applied.set()
         freed = result.get("freed") or []
         if freed:
             self.io.submit(self._drop, list(freed))
@@ -376,21 +412,7 @@ class KdfsService:
         if not caller.is_root:
             if q not in ("getattr", "chunks") or m.getattr(a["ino"])["uid"] != caller.uid:
                 raise PermissionDenied(f"kdfs: permission denied (uid {caller.uid} may only look at its own files)")
-        if q == "getattr":
-            return m.getattr(a["ino"])
-        if q == "lookup":
-            return m.lookup(a["parent"], a["name"])
-        if q == "readdir":
-            return m.readdir(a["ino"], a.get("after"), a.get("limit", 5000))
-        if q == "readlink":
-            return m.readlink(a["ino"])
-        if q == "chunks":
-            return m.chunks(a["ino"])
-        if q == "chunk":
-            return m.chunk(a["id"])
-        if q == "stats":
-            return m.stats()
-        raise KrgError(f"unknown KDFS query {q!r}")
+        return m.query(q, a)
 
     # -- chunk data -------------------------------------------------------------------------------
 

@@ -89,22 +89,7 @@ class LocalKdfs:
         with self.lock:
             self.calls["query"] += 1
             m = self.meta
-            if query == "getattr":
-                r = m.getattr(a["ino"])
-            elif query == "lookup":
-                r = m.lookup(a["parent"], a["name"])
-            elif query == "readdir":
-                r = m.readdir(a["ino"], a.get("after"), a.get("limit", 5000))
-            elif query == "readlink":
-                r = m.readlink(a["ino"])
-            elif query == "chunks":
-                r = m.chunks(a["ino"])
-            elif query == "chunk":
-                r = m.chunk(a["id"])
-            elif query == "stats":
-                r = m.stats()
-            else:
-                raise KrgError(f"unknown KDFS query {query!r}")
+            r = m.query(query, a)
             return wire(r)
 
     def put(self, chunk_id: str, data: bytes, ino: int, idx: int, size_hint: int = 0) -> list[int]:

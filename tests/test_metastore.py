@@ -245,6 +245,24 @@ def test_reads_report_the_bytes_chunks_hold_and_holes_hold_none(store, L):
     assert dict(store.readdir(ROOT, None, 10))[b"sparse"]["stored"] == CS + 100
 
 
+def test_unlink_drops_only_the_inode_the_caller_means(store, L):
+    a = L.mknod(ROOT, b"a")
+    b = L.mknod(ROOT, b"b")
+    L("rename", parent=ROOT, name=b"b", newparent=ROOT, newname=b"a", flags=0)   # "a" is b now
+    assert L("unlink", parent=ROOT, name=b"a", drop=a)["freed"] == []           # stale hint: kept
+    assert store.orphans() == sorted([a, b])
+
+
+def test_a_set_group_id_directory_passes_on_its_group_and_the_bit(store, L):
+    d = L("mkdir", parent=ROOT, name=b"d", mode=0o2775, uid=1, gid=50)["attr"]["ino"]
+    f = L("mknod", parent=d, name=b"f", mode=REG | 0o644, uid=1000, gid=100, rdev=0)["attr"]
+    sub = L("mkdir", parent=d, name=b"s", mode=0o755, uid=1000, gid=100)["attr"]
+    assert f["gid"] == 50 and not f["mode"] & stat.S_ISGID
+    assert sub["gid"] == 50 and sub["mode"] & stat.S_ISGID
+    plain = L("mknod", parent=ROOT, name=b"p", mode=REG | 0o644, uid=1000, gid=100, rdev=0)["attr"]
+    assert plain["gid"] == 100
+
+
 def test_orphans_held_by_a_mount_go_when_that_mount_starts_again(store, L):
     a, b, c = (L.mknod(ROOT, n) for n in (b"a", b"b", b"c"))
     L.commit(a, [(0, "ca", 10)], 10)
