@@ -164,8 +164,10 @@ def same_on_both(scenario, kd: Path, ld: Path):
 def sh(*cmd: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120, **kw) -> str:
     if "input" not in kw:
         kw["stdin"] = subprocess.DEVNULL
+    # Run as from a shell: not as a sub-make of the `make test` that may be running the tests.
+    base = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, **(env or {})}, **kw)
+                       env={**base, **(env or {})}, **kw)
     assert r.returncode == 0, f"{' '.join(cmd)} (in {cwd}) exited {r.returncode}: {r.stderr.strip()[-2000:]}"
     return r.stdout
 
