@@ -188,6 +188,9 @@ class KdfsService:
             if isinstance(st, StaleTerm):
                 self.promised += 1      # try again with a newer term
                 raise NotLeader(f"node {n} already follows a newer leader")
+            if isinstance(st, BaseException) and not isinstance(st, NodeDown):
+                # A live node we could not ask may hold the newest answered change: ask again later.
+                raise NotLeader(f"node {n} did not say where its replica is ({st})")
             if isinstance(st, dict) and st["applied"] > best_applied:
                 best, best_applied = n, st["applied"]
         if best is not None:
