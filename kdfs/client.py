@@ -10,7 +10,6 @@ after such a move is answered, not applied twice.
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 from kerrighed import protocol as p
 from kerrighed.client import Client
@@ -99,7 +98,3 @@ class KdfsClient:
 
 def new_chunk_id() -> str:
     return uuid.uuid4().hex
-
-
-def mountpoint(home: Home) -> Path:
-    return home.kdfs_mountpoint(home.load_config())
