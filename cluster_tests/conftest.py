@@ -6,6 +6,7 @@ tears them down, checking that no daemon process, socket file or directory is le
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -82,6 +83,11 @@ class LocalCluster:
     def start(self, node: int) -> None:
         localcluster.start_daemons(self.home, [node])
 
+    def app_jobs(self, appid: int) -> dict[int, dict]:
+        """The running jobs of application `appid`, by global PID, as `krg ps --json` lists them."""
+        return {j["gpid"]: j for j in json.loads(self.run("krg", "ps", "--json").stdout)
+                if j["app"] == appid and j["state"] not in ("exited", "lost")}
+
     def checkpoint_store(self) -> Path:
         """Where `checkpoint` writes: the store lives in KDFS."""
         return self.home.kdfs_mountpoint(self.home.load_config()) / ".kerrighed" / "chkpt"
@@ -126,6 +132,46 @@ def run_as(uid: int, fn) -> tuple[int, bytes]:
     return os.waitstatus_to_exitcode(status), out
 
 
+def leftovers(home: Home) -> list[str]:
+    """What a test left of `home` (processes, daemons, sockets, mounts), killed and unmounted."""
+    leaks = []
+    # Shepherds outlive their daemon on purpose (a restarted daemon adopts them): a test that
+    # leaves one behind leaks a process.
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(a.startswith(f"{home.path}/") or a == str(home.path) for a in proc.info["cmdline"] or ()):
+            leaks.append(f"process {proc.pid} {' '.join(proc.info['cmdline'])[:80]}")
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+    for n in home.local_nodes():
+        pid = localcluster.daemon_pid(home, n)
+        if pid:
+            leaks.append(f"node {n} pid {pid}")
+            os.kill(pid, signal.SIGKILL)
+        if home.socket(n).exists():
+            leaks.append(f"socket {home.socket(n)}")
+    for line in Path("/proc/mounts").read_text().splitlines():
+        if line.split()[1].startswith(f"{home.path}/"):
+            leaks.append(f"mount {line.split()[1]} ({line.split()[2]})")
+            subprocess.run(["umount", "-l", line.split()[1]], capture_output=True)
+    return leaks
+
+
+def counter(path=None, upto=None, code=0, delay=0.05) -> str:
+    """A shell loop printing 0, 1, 2... (to `path` if given; `upto` numbers, then exit `code`)."""
+    out = f" >> {path}" if path else ""
+    cond = f"[ $i -lt {upto} ]" if upto else ":"
+    return f"i=0; while {cond}; do echo $i{out}; i=$((i+1)); sleep {delay}; done; exit {code}"
+
+
+def read_ints(path: Path) -> list[int]:
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
 def short_tmpdir(prefix: str) -> Path:
     # Unix socket paths are limited to 107 bytes: keep homes short, not under pytest's tmp_path.
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
@@ -145,26 +191,7 @@ def make_home():
     yield make
     leaks = []
     for home in homes:
-        # Shepherds outlive their daemon on purpose (a restarted daemon adopts them): a test that
-        # leaves one behind leaks a process.
-        for proc in psutil.process_iter(["cmdline"]):
-            if any(a.startswith(f"{home.path}/") or a == str(home.path) for a in proc.info["cmdline"] or ()):
-                leaks.append(f"process {proc.pid} {' '.join(proc.info['cmdline'])[:80]}")
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    pass
-        for n in home.local_nodes():
-            pid = localcluster.daemon_pid(home, n)
-            if pid:
-                leaks.append(f"node {n} pid {pid}")
-                os.kill(pid, signal.SIGKILL)
-            if home.socket(n).exists():
-                leaks.append(f"socket {home.socket(n)}")
-        for line in Path("/proc/mounts").read_text().splitlines():
-            if line.split()[1].startswith(f"{home.path}/"):
-                leaks.append(f"mount {line.split()[1]} ({line.split()[2]})")
-                subprocess.run(["umount", "-l", line.split()[1]], capture_output=True)
+        leaks += leftovers(home)
         shutil.rmtree(home.path, ignore_errors=True)
     assert not leaks, f"left behind: {leaks}"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, NOBODY, LocalCluster, run_as, wait_for
+from conftest import NOBODY, LocalCluster, run_as, wait_for
 from kdfs import mount as kdfs_mount
 from kdfs.client import KdfsClient
 from kerrighed.errors import FsError

@@ -20,7 +20,6 @@ import mmap
 import os
 import random
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -29,7 +28,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 import pytest
 
 from kdfs import mount as kdfs_mount
@@ -37,7 +35,7 @@ from kdfs.client import KdfsClient
 from kerrighed import localcluster
 from kerrighed.config import Home
 
-from conftest import NOBODY, LocalCluster, run_as, short_tmpdir, wait_for
+from conftest import NOBODY, LocalCluster, leftovers, run_as, short_tmpdir, wait_for
 
 pytestmark = [
     pytest.mark.root,
@@ -76,30 +74,6 @@ class Kdfs:
         return "\n".join(out)
 
 
-def _leaks(home: Home) -> list[str]:
-    """What the `make_home` fixture checks: no process, daemon, socket or mount of `home` left."""
-    leaks = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(a.startswith(f"{home.path}/") or a == str(home.path) for a in proc.info["cmdline"] or ()):
-            leaks.append(f"process {proc.pid} {' '.join(proc.info['cmdline'])[:80]}")
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-    for n in home.local_nodes():
-        pid = localcluster.daemon_pid(home, n)
-        if pid:
-            leaks.append(f"node {n} pid {pid}")
-            os.kill(pid, signal.SIGKILL)
-        if home.socket(n).exists():
-            leaks.append(f"socket {home.socket(n)}")
-    for line in Path("/proc/mounts").read_text().splitlines():
-        if line.split()[1].startswith(f"{home.path}/"):
-            leaks.append(f"mount {line.split()[1]} ({line.split()[2]})")
-            subprocess.run(["umount", "-l", line.split()[1]], capture_output=True)
-    return leaks
-
-
 @pytest.fixture(scope="module")
 def kdfs():
     """A 3-node cluster for the whole module, its mount, and a local-disk directory beside it."""
@@ -117,7 +91,7 @@ def kdfs():
     finally:
         c.krgadm("cluster", "stop", check=False)
         c.stop_all()
-        leaks = _leaks(home)
+        leaks = leftovers(home)
         for pid in filter(None, pids):
             if Path(f"/proc/{pid}/cmdline").exists() and b"kerrighed" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 leaks.append(f"daemon pid {pid} survived 'krgadm cluster stop'")

@@ -2,7 +2,6 @@
 the ones that dumped them, all or nothing; and applications made with `krg run --app`, including
 a shell script whose children are started through `krg run -d` on several nodes."""
 
-import json
 import os
 import re
 import select
@@ -15,32 +14,14 @@ import pytest
 
 from kerrighed.cli import krg
 
-from conftest import BIN, NOBODY, run_as, wait_for
+from conftest import BIN, NOBODY, counter, read_ints, run_as, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.criu,
               pytest.mark.skipif(os.geteuid() != 0, reason="jobs and CRIU need root")]
 
 
-def counter(path=None, upto=None, code=0, delay=0.05):
-    out = f" >> {path}" if path else ""
-    cond = f"[ $i -lt {upto} ]" if upto else ":"
-    return f"i=0; while {cond}; do echo $i{out}; i=$((i+1)); sleep {delay}; done; exit {code}"
-
-
-def lines(path):
-    try:
-        return [int(x) for x in path.read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-def app_jobs(cluster, appid):
-    return {j["gpid"]: j for j in json.loads(cluster.run("krg", "ps", "--json").stdout)
-            if j["app"] == appid and j["state"] not in ("exited", "lost")}
-
-
 def wait_jobs(cluster, appid, n, what="the application's jobs"):
-    return wait_for(lambda: (lambda js: js if len(js) == n else None)(app_jobs(cluster, appid)), what=what)
+    return wait_for(lambda: (lambda js: js if len(js) == n else None)(cluster.app_jobs(appid)), what=what)
 
 
 def command(cluster, name, *args):
@@ -115,14 +96,14 @@ def test_restart_f_takes_the_applications_stdio_and_its_status(cluster):
         assert text.startswith(head)
         # Exactly where the snapshot stood: nothing the first run printed comes again, nothing is lost.
         assert numbers(text[len(head):]) == list(range(len(before), 80))
-        assert not app_jobs(cluster, appid)
+        assert not cluster.app_jobs(appid)
 
         # The same checkpoint again; Ctrl-C (SIGINT to restart) reaches the application.
         interrupted = popen(cluster, "restart", "-f", "-q", str(appid), "1")
         Reader(interrupted.stdout).until(lambda b: len(numbers(b)) > 3, what="the second restart to count")
         interrupted.send_signal(signal.SIGINT)
         assert interrupted.wait(timeout=30) == 128 + signal.SIGINT
-        wait_for(lambda: not app_jobs(cluster, appid), what="the application to end")
+        wait_for(lambda: not cluster.app_jobs(appid), what="the application to end")
     finally:
         stop(*(p for p in (first, restarted, interrupted) if p is not None))
 
@@ -133,7 +114,7 @@ def test_restart_f_feeds_its_stdin_to_the_root_job(cluster):
     appid = int(out.split()[-1])
     wait_jobs(cluster, appid, 1)
     cluster.run("checkpoint", "-a", "-k", str(appid))
-    wait_for(lambda: not app_jobs(cluster, appid), what="the application to end")
+    wait_for(lambda: not cluster.app_jobs(appid), what="the application to end")
     r = subprocess.run(command(cluster, "restart", "-f", "-q", str(appid), "1"), input=b"hello\n",
                        capture_output=True, timeout=60)
     assert (r.returncode, r.stdout, r.stderr) == (3, b"got hello\n", b"")
@@ -147,11 +128,11 @@ def test_restart_places_jobs_whose_node_is_not_online_through_the_scheduler(clus
                             f"{inner}; {counter(a)}").stdout.split()[-1])
     jobs = wait_jobs(cluster, appid, 2)
     assert sorted(j["node"] for j in jobs.values()) == [1, 3]
-    wait_for(lambda: len(lines(a)) > 5 and len(lines(b)) > 5, what="the counters to count")
+    wait_for(lambda: len(read_ints(a)) > 5 and len(read_ints(b)) > 5, what="the counters to count")
     cluster.run("checkpoint", "-a", "-k", str(appid))
-    wait_for(lambda: not app_jobs(cluster, appid), what="the application to end")
-    snapshot = {p: lines(p)[-1] for p in (a, b)}
-    written = {p: len(lines(p)) for p in (a, b)}
+    wait_for(lambda: not cluster.app_jobs(appid), what="the application to end")
+    snapshot = {p: read_ints(p)[-1] for p in (a, b)}
+    written = {p: len(read_ints(p)) for p in (a, b)}
 
     cluster.krgadm("nodes", "del", "-n", "3")
     r = cluster.run("restart", "-q", str(appid), "1")
@@ -163,12 +144,12 @@ def test_restart_places_jobs_whose_node_is_not_online_through_the_scheduler(clus
     root = next(g for g in jobs if g != moved)
     assert back[root]["node"] == 1                      # the node that dumped it is online: there
     for p in (a, b):
-        wait_for(lambda: len(lines(p)) > written[p] + 3, what=f"{p.name} to count again")
-        assert lines(p)[written[p]] == snapshot[p] + 1      # from the snapshot, not from 0
+        wait_for(lambda: len(read_ints(p)) > written[p] + 3, what=f"{p.name} to count again")
+        assert read_ints(p)[written[p]] == snapshot[p] + 1      # from the snapshot, not from 0
 
     # -n puts every job on one node; a node that is not online is refused.
     cluster.run("krg", "kill", "-9", *map(str, jobs))
-    wait_for(lambda: not app_jobs(cluster, appid), what="the application to end")
+    wait_for(lambda: not cluster.app_jobs(appid), what="the application to end")
     r = cluster.run("restart", str(appid), "1", "-n", "3", check=False)
     assert r.returncode == 1 and "node 3 is not online" in r.stderr and r.stderr.count("\n") == 1
     cluster.krgadm("nodes", "add", "-n", "3")
@@ -192,25 +173,25 @@ def test_a_shell_script_application_is_checkpointed_and_restarted_whole(cluster,
     appid = int(re.fullmatch(r"Running application (\d+)\n", r.stdout).group(1))
     # The script ends once it has started them; they stay in its application.
     children = wait_for(lambda: (lambda js: js if appid not in js and len(js) == 3 else None)(
-        app_jobs(cluster, appid)), what="the script's three children, and the script's end")
+        cluster.app_jobs(appid)), what="the script's three children, and the script's end")
     assert sorted(j["node"] for j in children.values()) == [1, 2, 3]
-    wait_for(lambda: all(len(lines(p)) > 5 for p in outs), what="the counters to count")
+    wait_for(lambda: all(len(read_ints(p)) > 5 for p in outs), what="the counters to count")
 
     r = cluster.run("checkpoint", "-a", "-k", str(appid))
     assert f"Identifier: {appid}\nVersion: 1\n" in r.stdout
     version = cluster.checkpoint_store() / str(appid) / "v1"
     assert sorted(p.name for p in version.iterdir()) == ["description.txt", "node1", "node2", "node3"]
-    wait_for(lambda: not app_jobs(cluster, appid), what="the application to end")
-    snapshot = {p: lines(p)[-1] for p in outs}
-    written = {p: len(lines(p)) for p in outs}
+    wait_for(lambda: not cluster.app_jobs(appid), what="the application to end")
+    snapshot = {p: read_ints(p)[-1] for p in outs}
+    written = {p: len(read_ints(p)) for p in outs}
 
     r = cluster.run("restart", str(appid), "1")
     assert r.stdout.endswith(f"Application {appid} has been successfully restarted\n")
     back = wait_jobs(cluster, appid, 3)
     assert {g: j["node"] for g, j in back.items()} == {g: j["node"] for g, j in children.items()}
     for p in outs:
-        wait_for(lambda: len(lines(p)) > written[p] + 3, what=f"{p.name} to count again")
-        assert lines(p)[written[p]] == snapshot[p] + 1      # exactly where the snapshot stood
+        wait_for(lambda: len(read_ints(p)) > written[p] + 3, what=f"{p.name} to count again")
+        assert read_ints(p)[written[p]] == snapshot[p] + 1      # exactly where the snapshot stood
     cluster.run("krg", "kill", "-9", *map(str, back))
 
 
@@ -222,14 +203,14 @@ def test_a_restart_that_fails_on_one_node_leaves_nothing_behind(cluster, tmp_pat
                             f"{inner}; {counter(a)}").stdout.split()[-1])
     jobs = wait_jobs(cluster, appid, 2)
     cluster.run("checkpoint", "-a", "-k", str(appid))
-    wait_for(lambda: not app_jobs(cluster, appid), what="the application to end")
+    wait_for(lambda: not cluster.app_jobs(appid), what="the application to end")
     on3 = next(g for g, j in jobs.items() if j["node"] == 3)
     images = cluster.checkpoint_store() / str(appid) / "v1" / "node3" / f"job{on3}" / "images"
     saved = tmp_path / "saved"
     shutil.copytree(images, saved)
 
     def gone():     # nothing of the application runs or waits stopped anywhere
-        return not app_jobs(cluster, appid)
+        return not cluster.app_jobs(appid)
 
     # Node 3 cannot read the images (a store not shared with it): nothing is restored anywhere.
     shutil.rmtree(images)
@@ -242,11 +223,11 @@ def test_a_restart_that_fails_on_one_node_leaves_nothing_behind(cluster, tmp_pat
     shutil.copytree(saved, images)
     for page in images.glob("pages-*.img"):
         page.unlink()
-    n = len(lines(a))
+    n = len(read_ints(a))
     r = cluster.run("restart", str(appid), "1", check=False)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     wait_for(gone, what="the job restored on node 1 to be undone")
-    assert len(lines(a)) == n       # it never ran: jobs are thawed only once all are restored
+    assert len(read_ints(a)) == n       # it never ran: jobs are thawed only once all are restored
 
     shutil.rmtree(images)
     shutil.copytree(saved, images)
@@ -278,7 +259,7 @@ def test_krg_run_app_names_an_application_only_of_ones_own(cluster):
     assert status == 1
     assert out.decode() == (f"krg: application {root_app} is not one of yours "
                             f"(no running job of uid {NOBODY} in it)\n")
-    assert set(app_jobs(cluster, root_app)) == {root_app, joined}
+    assert set(cluster.app_jobs(root_app)) == {root_app, joined}
 
     # nobody's own application: nobody may join it
     status, out = run_as(NOBODY, lambda: krg.main(["--home", home, "run", "-d", "--app", "-n", "1",
@@ -289,4 +270,4 @@ def test_krg_run_app_names_an_application_only_of_ones_own(cluster):
                                                    "sleep", "300"]))
     assert status == 0, out
     assert len(wait_jobs(cluster, mine, 2)) == 2
-    cluster.run("krg", "kill", "-9", *map(str, app_jobs(cluster, mine)), *map(str, app_jobs(cluster, root_app)))
+    cluster.run("krg", "kill", "-9", *map(str, cluster.app_jobs(mine)), *map(str, cluster.app_jobs(root_app)))

@@ -13,7 +13,6 @@ import asyncio
 import collections
 import errno
 import logging
-import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING
 from kdfs.chunkstore import ChunkStore
 from kdfs.metastore import MetaStore
 from kerrighed import protocol as p
-from kerrighed.errors import ChunkError, ChunkMissing, FsError, KrgError, NodeDown, PermissionDenied, Unreachable
+from kerrighed.errors import ChunkError, FsError, KrgError, NodeDown, PermissionDenied, Unreachable
 
 if TYPE_CHECKING:
     from kerrighed.daemon import Daemon
