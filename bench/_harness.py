@@ -3,9 +3,12 @@ variables, a clean stop, and facts about the machine to print beside the figures
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import psutil
@@ -49,3 +52,39 @@ def filesystem_of(path: str) -> str:
         if path.startswith(part.mountpoint) and len(part.mountpoint) > len(best[0]):
             best = (part.mountpoint, part.fstype)
     return best[1]
+
+
+class RssSampler(threading.Thread):
+    """Peak resident set size (bytes) of some processes, sampled until stopped."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.02):
+        super().__init__(daemon=True)
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.peak = {name: 0 for name in pids}
+        self.interval = interval
+        self.done = threading.Event()
+
+    def sample(self) -> None:
+        for name, proc in self.procs.items():
+            with contextlib.suppress(psutil.Error):
+                self.peak[name] = max(self.peak[name], proc.memory_info().rss)
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> dict[str, int]:
+        self.done.set()
+        self.join(5)
+        return self.peak
+
+
+def write_results(results: dict, problems: list[str], out: Path) -> int:
+    """The JSON beside the printed figures, the problems last; the benchmark's exit status."""
+    results["problems"] = problems
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results written to {out} ({results['duration_s']:.0f} s)")
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    return 1 if problems else 0

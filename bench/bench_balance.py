@@ -49,7 +49,7 @@ from kerrighed import localcluster
 from kerrighed.cgroups import cgroup_name, find_cpu_hierarchy
 from kerrighed.config import Home, KdfsConfig
 
-from _harness import CLEAN_ENV, other_daemons, stop_cluster
+from _harness import CLEAN_ENV, other_daemons, stop_cluster, write_results
 
 NODES = 4
 SOURCE = 1
@@ -95,13 +95,7 @@ def main() -> int:
         problems.append("left after cleanup: " + "; ".join(left))
     else:
         print("cleanup: no daemon, shepherd, job or node cgroup of this run left")
-    results["problems"] = problems
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"results written to {args.out} ({results['duration_s']:.0f} s)")
-    for problem in problems:
-        print(f"PROBLEM: {problem}")
-    return 1 if problems else 0
+    return write_results(results, problems, args.out)
 
 
 def measure(home: Home, args, results: dict, problems: list[str], cgroups: list[Path]) -> None:

@@ -66,10 +66,10 @@ import psutil
 from kerrighed import localcluster
 from kerrighed import protocol as p
 from kerrighed.client import Client
-from kerrighed.config import Home
+from kerrighed.config import Home, KdfsConfig
 from kerrighed.errors import KrgError
 
-from _harness import CLEAN_ENV, filesystem_of, krgadm, other_daemons, stop_cluster
+from _harness import CLEAN_ENV, filesystem_of, krgadm, other_daemons, stop_cluster, write_results
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -91,10 +91,6 @@ PASSTHROUGH = Path(__file__).resolve().parent / "passthrough_fs.py"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "kdfs.json"
 FLEX_GROUP = 16                 # ext4's default flex_bg size: new files go to the first group of
                                 # their directory's flex group that has a free inode
-
-
-class Unavailable(Exception):
-    """A target that cannot run here (KDFS not built yet, ...): printed, not a failure of the run."""
 
 
 def main() -> int:
@@ -133,13 +129,7 @@ def main() -> int:
         print("CLEANUP FAILED:\n  " + "\n  ".join(leftovers))
     else:
         print("cleanup: no mount, daemon or file of this run left")
-    run.results["problems"] = run.problems
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(run.results, indent=2) + "\n")
-    print(f"results written to {args.out} ({run.results['duration_s']:.0f} s)")
-    for problem in run.problems:
-        print(f"PROBLEM: {problem}")
-    return 1 if run.problems else 0
+    return write_results(run.results, run.problems, args.out)
 
 
 def parse_targets(text: str) -> list[str]:
@@ -199,10 +189,6 @@ class Run:
             target = make_target(self, name)
             try:
                 self.start(target)
-            except Unavailable as e:
-                print(f"{target.title}: not available ({e})")
-                figures[name] = {"unavailable": str(e)}
-                continue
             except Exception as e:
                 print(f"{target.title}: FAILED to start: {e}")
                 self.problems.append(f"{name}: could not start: {e}")
@@ -383,9 +369,6 @@ class Run:
         target = Kdfs(self, REPL_R, REPL_NODES, name="rereplicate")
         try:
             self.start(target)
-        except Unavailable as e:
-            print(f"{target.title}: not available ({e})")
-            return {"unavailable": str(e)}
         except Exception as e:
             print(f"{target.title}: FAILED to start: {e}")
             self.problems.append(f"rereplicate: could not start: {e}")
@@ -581,10 +564,6 @@ class Kdfs(Target):
         self.same_device: bool | None = None
 
     def start(self) -> None:
-        why = kdfs_missing()
-        if why:
-            raise Unavailable(why)
-        from kerrighed.config import KdfsConfig
         self.home.path.mkdir(mode=0o755)
         port = localcluster.free_port([localcluster.local_address(n) for n in range(1, self.nodes + 1)],
                                       prefer_default=False)
@@ -592,17 +571,12 @@ class Kdfs(Target):
         self.chunk_size = cfg.kdfs.chunk_size
         self.mountpoint = self.home.kdfs_mountpoint(cfg)
         args = ["cluster", "start", "--local", str(self.nodes), "--port", str(port)]
-        if "--kdfs-replicas" in krgadm_help(self.home):
-            args += ["--kdfs-replicas", str(self.replicas)]
         self.started = True
         t0 = time.monotonic()
-        krgadm(self.home, *args)
-        deadline = time.monotonic() + MOUNT_WAIT
-        while not is_mounted(self.mountpoint, "fuse.kdfs"):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no fuse.kdfs mount at {self.mountpoint} {MOUNT_WAIT:g} s after "
-                                   f"`krgadm {' '.join(args)}` returned; {self.log_tails()}")
-            time.sleep(0.1)
+        krgadm(self.home, *args)        # returns once the mount is there
+        if not is_mounted(self.mountpoint, "fuse.kdfs"):
+            raise RuntimeError(f"no fuse.kdfs mount at {self.mountpoint} after `krgadm {' '.join(args)}`; "
+                               f"{self.log_tails()}")
         toml = self.home.load_config().kdfs
         disk, local = self.home.kdfs_disk(1), self.run.scratch
         self.same_device = disk.exists() and os.stat(disk).st_dev == os.stat(local).st_dev
@@ -743,26 +717,6 @@ def make_target(run: Run, name: str) -> Target:
     raise ValueError(name)
 
 
-def kdfs_missing() -> str | None:
-    """Why KDFS cannot be started here, or None."""
-    try:
-        from kerrighed.config import KdfsConfig  # noqa: F401
-    except ImportError:
-        return "kerrighed.config has no KdfsConfig ([kdfs] table)"
-    for module in ("kdfs.mount", "kdfs.client", "kerrighed.kdfsservice"):
-        try:
-            __import__(module)
-        except Exception as e:
-            return f"import {module}: {type(e).__name__}: {e}"
-    return None
-
-
-def krgadm_help(home: Home) -> str:
-    r = subprocess.run([str(BIN / "krgadm"), "--home", str(home.path), "cluster", "start", "--help"],
-                       env=CLEAN_ENV, capture_output=True, text=True, timeout=60)
-    return r.stdout
-
-
 # -- the machine and its file system -------------------------------------------------------------------------
 
 
@@ -897,7 +851,7 @@ def summarize(figures: dict) -> dict:
         if name in ("local", "rereplicate"):
             continue
         if not fig.get("runs"):
-            out[name] = {k: v for k, v in fig.items() if k in ("unavailable", "error")}
+            out[name] = {k: v for k, v in fig.items() if k == "error"}
             continue
         mine = medians(fig["runs"])
         row: dict = {"figures": mine, "runs": len(fig["runs"])}
@@ -914,7 +868,7 @@ def summarize(figures: dict) -> dict:
     if "rereplicate" in figures:
         r = figures["rereplicate"]
         out["rereplicate"] = ({k: r[k] for k in ("rereplicate_s", "lost_bytes", "rereplicate_MBps", "victim")}
-                              if "rereplicate_s" in r else {k: v for k, v in r.items() if k in ("unavailable", "error")})
+                              if "rereplicate_s" in r else {k: v for k, v in r.items() if k == "error"})
     return out
 
 
@@ -945,7 +899,7 @@ def show_table(summary: dict, size: int) -> None:
         if name == "rereplicate":
             continue
         if "figures" not in row:
-            print(f"{name:24}not measured: {row.get('unavailable') or row.get('error')}")
+            print(f"{name:24}not measured: {row.get('error')}")
             continue
         line(name + (f" (median of {row['runs']})" if row.get("runs", 1) > 1 else ""), row["figures"])
         if "vs_local" in row:
@@ -958,7 +912,7 @@ def show_table(summary: dict, size: int) -> None:
             print(f"re-replication after a node loss: {r['rereplicate_s']:.1f} s for {r['lost_bytes'] / MIB:.0f} MiB "
                   f"of lost copies ({r['rereplicate_MBps']:.0f} MB/s, node {r['victim']} killed)")
         else:
-            print(f"re-replication: not measured: {r.get('unavailable') or r.get('error')}")
+            print(f"re-replication: not measured: {r.get('error')}")
 
 
 if __name__ == "__main__":

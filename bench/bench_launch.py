@@ -60,7 +60,6 @@ import contextlib
 import datetime
 import hashlib
 import itertools
-import json
 import os
 import platform
 import select
@@ -94,7 +93,7 @@ from kerrighed.ids import make_gpid
 from kerrighed.jobs import JobRecord, tree_stats
 from kerrighed.jobservice import JobService
 
-from _harness import CLEAN_ENV, filesystem_of, krgadm, other_daemons, stop_cluster
+from _harness import CLEAN_ENV, RssSampler, filesystem_of, krgadm, other_daemons, stop_cluster, write_results
 
 NODES = 4
 REMOTE = 2
@@ -146,13 +145,7 @@ def main() -> int:
         print("CLEANUP FAILED, still running:\n  " + "\n  ".join(leftovers))
     else:
         print("cleanup: no daemon, krg-init or sleep of this run left, temporary home removed")
-    results["problems"] = problems
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"results written to {args.out} ({results['duration_s']:.0f} s)")
-    for problem in problems:
-        print(f"PROBLEM: {problem}")
-    return 1 if problems else 0
+    return write_results(results, problems, args.out)
 
 
 def measure(home: Home, settings: dict, results: dict, problems: list[str], spawned: list) -> None:
@@ -535,31 +528,6 @@ def launch_throughput(home: Home, jobs: int, results: dict, problems: list[str])
 
 
 # -- 3. stream throughput -------------------------------------------------------------------------------------
-
-
-class RssSampler(threading.Thread):
-    """Peak resident set size of some processes, sampled until stopped."""
-
-    def __init__(self, pids: dict[str, int], interval: float = 0.02):
-        super().__init__(daemon=True)
-        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
-        self.peak = {name: 0 for name in pids}
-        self.interval = interval
-        self.done = threading.Event()
-
-    def sample(self) -> None:
-        for name, proc in self.procs.items():
-            with contextlib.suppress(psutil.Error):
-                self.peak[name] = max(self.peak[name], proc.memory_info().rss)
-
-    def run(self) -> None:
-        while not self.done.wait(self.interval):
-            self.sample()
-
-    def stop(self) -> dict[str, int]:
-        self.done.set()
-        self.join(5)
-        return self.peak
 
 
 def pipe_through(cmd: list[str], blocks: int, block: bytes, expected: str, watch: dict[str, int]) -> dict:

@@ -48,7 +48,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -62,7 +61,7 @@ from kerrighed import protocol as p
 from kerrighed.client import Client
 from kerrighed.config import Home
 
-from _harness import CLEAN_ENV, filesystem_of, other_daemons, stop_cluster
+from _harness import CLEAN_ENV, RssSampler, filesystem_of, other_daemons, stop_cluster, write_results
 
 
 NODES = 3
@@ -122,13 +121,7 @@ def main() -> int:
     else:
         print("cleanup: no daemon, krg-init, job or restored process of this run left, temporary "
               "directories removed")
-    results["problems"] = problems
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"results written to {args.out} ({results['duration_s']:.0f} s)")
-    for problem in problems:
-        print(f"PROBLEM: {problem}")
-    return 1 if problems else 0
+    return write_results(results, problems, args.out)
 
 
 def measure(home: Home, scratch: Path, sizes: list[int], runs: int, results: dict, problems: list[str],
@@ -288,28 +281,6 @@ def log_tails(home: Home, lines: int = 20) -> dict[str, list[str]]:
 # -- one migration -----------------------------------------------------------------------------------------
 
 
-class RssSampler(threading.Thread):
-    """Peak resident set size of some processes, sampled until stopped."""
-
-    def __init__(self, pids: dict[str, int], interval: float = 0.05):
-        super().__init__(daemon=True)
-        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
-        self.peak = {name: 0 for name in pids}
-        self.interval = interval
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(self.interval):
-            for name, proc in self.procs.items():
-                with contextlib.suppress(psutil.Error):
-                    self.peak[name] = max(self.peak[name], proc.memory_info().rss)
-
-    def stop(self) -> dict[str, float]:
-        self.done.set()
-        self.join(5)
-        return {name: rss / MIB for name, rss in self.peak.items()}
-
-
 def ready_timeout(mib: int) -> float:
     return 60 + mib / 50        # at least 50 MiB/s of page touching, or something is wrong
 
@@ -363,12 +334,12 @@ def migration(home: Home, mib: int, problems: list[str]) -> dict:
         daemons = {f"krgd_node{n}": localcluster.daemon_pid(home, n) for n in (SOURCE, TARGET)}
         if None in daemons.values():
             raise RuntimeError(f"a daemon is not running: {daemons}")
-        sampler = RssSampler(daemons)
+        sampler = RssSampler(daemons, interval=0.05)
         sampler.start()
         t0 = time.perf_counter()
         r = command(home, MIGRATE, str(gpid), str(TARGET), timeout=900)
         total_s = time.perf_counter() - t0
-        peaks = sampler.stop()
+        peaks = {name: rss / MIB for name, rss in sampler.stop().items()}
         fig = {"gpid": gpid, "ready_s": ready_s, "rss_before_mib": before["rss"] / MIB, "total_s": total_s,
                "exit_status": r.returncode, "daemon_rss_peak_mib": peaks}
         if r.returncode != 0 or r.stdout or r.stderr:

@@ -120,13 +120,18 @@ def test_restart_f_feeds_its_stdin_to_the_root_job(cluster):
     assert (r.returncode, r.stdout, r.stderr) == (3, b"got hello\n", b"")
 
 
-def test_restart_places_jobs_whose_node_is_not_online_through_the_scheduler(cluster, tmp_path):
+def two_counters(cluster, tmp_path):
+    """An application of two counting jobs, on nodes 1 (writing a) and 3 (writing b)."""
     tmp_path.chmod(0o777)
     a, b = tmp_path / "a", tmp_path / "b"
     inner = f"{BIN / 'krg'} --home {cluster.home.path} run -d -n 3 sh -c '{counter(b)}'"
     appid = int(cluster.run("krg", "run", "--app", "-d", "-n", "1", "sh", "-c",
                             f"{inner}; {counter(a)}").stdout.split()[-1])
-    jobs = wait_jobs(cluster, appid, 2)
+    return appid, a, b, wait_jobs(cluster, appid, 2)
+
+
+def test_restart_places_jobs_whose_node_is_not_online_through_the_scheduler(cluster, tmp_path):
+    appid, a, b, jobs = two_counters(cluster, tmp_path)
     assert sorted(j["node"] for j in jobs.values()) == [1, 3]
     wait_for(lambda: len(read_ints(a)) > 5 and len(read_ints(b)) > 5, what="the counters to count")
     cluster.run("checkpoint", "-a", "-k", str(appid))
@@ -196,12 +201,7 @@ def test_a_shell_script_application_is_checkpointed_and_restarted_whole(cluster,
 
 
 def test_a_restart_that_fails_on_one_node_leaves_nothing_behind(cluster, tmp_path):
-    tmp_path.chmod(0o777)
-    a, b = tmp_path / "a", tmp_path / "b"
-    inner = f"{BIN / 'krg'} --home {cluster.home.path} run -d -n 3 sh -c '{counter(b)}'"
-    appid = int(cluster.run("krg", "run", "--app", "-d", "-n", "1", "sh", "-c",
-                            f"{inner}; {counter(a)}").stdout.split()[-1])
-    jobs = wait_jobs(cluster, appid, 2)
+    appid, a, b, jobs = two_counters(cluster, tmp_path)
     cluster.run("checkpoint", "-a", "-k", str(appid))
     wait_for(lambda: not cluster.app_jobs(appid), what="the application to end")
     on3 = next(g for g, j in jobs.items() if j["node"] == 3)

@@ -588,13 +588,17 @@ class MetaStore:
         self._touch_dir(parent)
         return {"attr": self.getattr(ino)}
 
-    def _unlink(self, op: dict) -> dict:
+    def _removed_entry(self, op: dict) -> tuple[int, bytes, int, int, int]:
+        """The entry an unlink or rmdir names: parent, name, ino, mode, nlink (ENOENT if none)."""
         parent, name = _int(op, "parent"), _check_name(op["name"])
         self._dir(parent)
         e = self._entry(parent, name)
         if e is None:
             raise _err(errno.ENOENT, f"no entry {name!r} in directory {parent}")
-        ino, mode, nlink = e
+        return (parent, name, *e)
+
+    def _unlink(self, op: dict) -> dict:
+        parent, name, ino, mode, nlink = self._removed_entry(op)
         if stat.S_ISDIR(mode):
             raise _err(errno.EISDIR, f"{name!r} in directory {parent} is a directory")
         self._db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
@@ -608,12 +612,7 @@ class MetaStore:
         return {"ino": ino, "nlink": nlink - 1, "freed": freed}
 
     def _rmdir(self, op: dict) -> dict:
-        parent, name = _int(op, "parent"), _check_name(op["name"])
-        self._dir(parent)
-        e = self._entry(parent, name)
-        if e is None:
-            raise _err(errno.ENOENT, f"no entry {name!r} in directory {parent}")
-        ino, mode, _ = e
+        parent, name, ino, mode, _ = self._removed_entry(op)
         if not stat.S_ISDIR(mode):
             raise _err(errno.ENOTDIR, f"{name!r} in directory {parent} is not a directory")
         self._check_empty(ino)
